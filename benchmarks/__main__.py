@@ -1,0 +1,138 @@
+"""``python -m benchmarks run|report``: the dagster-taskiq benchmark command line."""
+
+import argparse
+import datetime
+import json
+import signal
+import sys
+from pathlib import Path
+
+from benchmarks.report import format_markdown, format_text
+from benchmarks.scenarios import MODES, SCENARIOS
+
+#: Kept here (not imported from benchmarks.env) so that ``report`` does not import Dagster.
+EXECUTOR_NAMES = ("taskiq_redis", "taskiq_rabbitmq", "in_process", "multiprocess", "celery_redis")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start brokers and workers, run scenarios, write JSON lines")
+    run.add_argument("mode", nargs="?", choices=sorted(MODES), default="quick")
+    run.add_argument(
+        "--scenarios", type=_csv, default=None, help=f"comma-separated: {', '.join(SCENARIOS)}"
+    )
+    run.add_argument(
+        "--executors",
+        type=_csv,
+        default=None,
+        help=f"comma-separated: {', '.join(EXECUTOR_NAMES)} (default: all)",
+    )
+    run.add_argument("--rounds", type=int, default=None, help="measured rounds per scenario")
+    run.add_argument("--no-warmup", action="store_true", help="skip the unmeasured first round")
+    run.add_argument(
+        "--no-skip", action="store_true", help="also run executor/scenario pairs skipped as slow"
+    )
+    run.add_argument("--workers", type=int, default=2, help="workers per executor (default 2)")
+    run.add_argument("--concurrency", type=int, default=1, help="slots per worker (default 1)")
+    run.add_argument(
+        "--poll-interval", type=float, default=None, help="taskiq_executor poll_interval override"
+    )
+    run.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    run.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    run.add_argument(
+        "--storage",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="Dagster instance storage: sqlite (default, as in the baseline) or postgres "
+        "(a fresh database per executor, dropped at the end; needs dagster-postgres)",
+    )
+    run.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
+    run.add_argument("--celery-db", type=int, default=3, help="Redis database for dagster-celery")
+    run.add_argument("--out", type=Path, default=None, help="JSON lines file to write")
+    run.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
+    run.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    report = sub.add_parser("report", help="summarize a JSON lines file again")
+    report.add_argument("path", type=Path)
+    report.add_argument("--markdown", action="store_true")
+    return parser
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = _parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so workers and private brokers are always stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.command == "report":
+        records = [json.loads(line) for line in args.path.read_text().splitlines() if line]
+        print(format_text(records))
+        if args.markdown:
+            print()
+            print(format_markdown(records))
+        return 0
+    mode = MODES[args.mode]
+    scenario_names = args.scenarios or list(mode["scenarios"])  # type: ignore[call-overload]
+    unknown = [s for s in scenario_names if s not in SCENARIOS]
+    executors = args.executors or list(EXECUTOR_NAMES)
+    unknown += [e for e in executors if e not in EXECUTOR_NAMES]
+    if unknown:
+        _parser().error(f"unknown scenario or executor: {', '.join(unknown)}")
+    rounds = args.rounds if args.rounds is not None else int(mode["rounds"])  # type: ignore[call-overload]
+    out_path = args.out
+    if out_path is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_path = RESULTS_DIR / f"{stamp}-{args.mode}.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    from benchmarks.env import EXECUTORS, BenchEnv
+    from benchmarks.runner import Session
+
+    assert set(EXECUTORS) == set(EXECUTOR_NAMES)
+    env = BenchEnv(
+        executors,
+        redis_url=args.redis_url,
+        amqp_url=args.amqp_url,
+        celery_db=args.celery_db,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        poll_interval=args.poll_interval,
+        storage=args.storage,
+        postgres_url=args.postgres_url,
+        keep=args.keep,
+        log=_log,
+    )
+    with open(out_path, "w", encoding="utf-8") as out:
+        session = Session(
+            env,
+            [SCENARIOS[name] for name in scenario_names],
+            rounds,
+            out,
+            mode=args.mode,
+            no_skip=args.no_skip,
+            warmup=not args.no_warmup,
+            log=_log,
+        )
+        records = session.run()
+    print(format_text(records))
+    if args.markdown:
+        print()
+        print(format_markdown(records))
+    _log(f"\nJSON lines: {out_path}")
+    failed = [r for r in records if r.get("type") == "run" and not r.get("success")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

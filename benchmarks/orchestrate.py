@@ -1,0 +1,129 @@
+"""One measured run, in a fresh process: ``python -m benchmarks.orchestrate '<json request>'``.
+
+Dagster launches each run in its own process, so the benchmark does the same. The process imports
+Dagster and the benchmark jobs first (not timed), then times ``execute_job`` from the call to the
+end of the run, and prints one JSON object on its last stdout line:
+
+``wall_s``, ``success``, ``cpu_s`` (this process's user + system CPU during the run, all threads),
+``rss_before_mib`` (after imports) and ``peak_rss_mib`` (the process's high-water mark).
+
+The request may also ask for a ``launch`` of many runs through the instance's run launcher
+(``runs_50``): then the time runs from the first launch until every run has finished.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def execute_one(shape: str, family: str, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Execute one run of ``shape`` on ``family`` and measure it."""
+    from dagster import DagsterInstance, execute_job
+
+    from benchmarks.jobs import build_job, job_name, recon
+
+    build_job(job_name(shape, family))  # build the graph before the clock starts, as a loaded
+    recon_job = recon(shape, family)  # code location would have it
+    with DagsterInstance.get() as instance:
+        rss_before = _rss_mib()
+        cpu0 = _cpu_s()
+        start = time.perf_counter()
+        with execute_job(recon_job, instance=instance, run_config=run_config) as result:
+            success = result.success
+            run_id = result.run_id
+        wall = time.perf_counter() - start
+        cpu = _cpu_s() - cpu0
+    return {
+        "wall_s": wall,
+        "success": success,
+        "run_id": run_id,
+        "cpu_s": cpu,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": _peak_mib(),
+    }
+
+
+def launch_many(shape: str, family: str, count: int, timeout: float) -> dict[str, Any]:
+    """Create ``count`` runs, launch them all through the instance's run launcher, wait."""
+    from dagster import DagsterInstance, DagsterRunStatus
+    from dagster._core.storage.dagster_run import RunsFilter
+
+    from benchmarks.jobs import build_job, job_name, recon
+
+    job = build_job(job_name(shape, family))
+    recon_job = recon(shape, family)
+    origin = recon_job.get_python_origin()
+    with DagsterInstance.get() as instance:
+        runs = [instance.create_run_for_job(job, job_code_origin=origin) for _ in range(count)]
+        run_ids = [run.run_id for run in runs]
+        rss_before = _rss_mib()
+        cpu0 = _cpu_s()
+        start = time.perf_counter()
+        for run_id in run_ids:
+            instance.launch_run(run_id, workspace=None)  # type: ignore[arg-type]
+        launched = time.perf_counter() - start
+        deadline = start + timeout
+        statuses: dict[str, str] = {}
+        while True:
+            records = instance.get_runs(filters=RunsFilter(run_ids=run_ids))
+            statuses = {run.run_id: run.status.value for run in records}
+            if all(run.is_finished for run in records) and len(records) == count:
+                break
+            if time.perf_counter() > deadline:
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        cpu = _cpu_s() - cpu0
+        launcher = instance.run_launcher
+        launcher.dispose()
+    succeeded = sum(1 for s in statuses.values() if s == DagsterRunStatus.SUCCESS.value)
+    return {
+        "wall_s": wall,
+        "launch_s": launched,
+        "success": succeeded == count,
+        "succeeded": succeeded,
+        "statuses": sorted(set(statuses.values())),
+        "cpu_s": cpu,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": _peak_mib(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: one JSON request in ``argv[0]``, one JSON result on stdout's last line."""
+    request = json.loads(argv[0])
+    import dagster  # noqa: F401  - imported before the clock starts
+
+    import benchmarks.jobs  # noqa: F401
+
+    if request.get("launch"):
+        result = launch_many(
+            request["shape"], request["family"], int(request["launch"]), request["timeout"]
+        )
+    else:
+        result = execute_one(request["shape"], request["family"], request["run_config"])
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

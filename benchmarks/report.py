@@ -1,0 +1,301 @@
+"""Medians, ratios, targets and the orchestrator's per-step scaling, from JSON line records."""
+
+import itertools
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from benchmarks.scenarios import (
+    CHAIN_HOP_TARGET_S,
+    FANOUT_VS_CELERY_TARGET,
+    FANOUT_VS_IN_PROCESS_TARGET,
+    SLEEPY_SLACK,
+)
+
+CELERY = "celery_redis"
+IN_PROCESS = "in_process"
+ORDER = ("taskiq_redis", "taskiq_rabbitmq", "in_process", "multiprocess", "celery_redis")
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _measured(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("type") == "run" and not r.get("warmup")]
+
+
+def _ideal_sleepy(meta: dict[str, Any]) -> float:
+    slots = int(meta.get("workers_per_executor", 2)) * int(meta.get("slots_per_worker", 1))
+    return 8.0 / max(1, slots)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary records: one per (scenario, executor), the targets, and the scaling verdict."""
+    meta = next((r for r in records if r.get("type") == "meta"), {})
+    runs = _measured(records)
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        by_key.setdefault((run["scenario"], run["executor"]), []).append(run)
+    medians: dict[tuple[str, str], float] = {}
+    summaries: list[dict[str, Any]] = []
+    for (scenario, executor), group in by_key.items():
+        ok = [r for r in group if r.get("success")]
+        walls = [r["wall_s"] for r in ok]
+        median = _median(walls)
+        if median is not None:
+            medians[(scenario, executor)] = median
+        steps = group[0]["steps"]
+        summaries.append(
+            {
+                "type": "summary",
+                "scenario": scenario,
+                "executor": executor,
+                "n": len(group),
+                "failures": len(group) - len(ok),
+                "steps": steps,
+                "median_wall_s": median,
+                "min_wall_s": min(walls) if walls else None,
+                "max_wall_s": max(walls) if walls else None,
+                "median_per_step_s": median / steps if median is not None else None,
+                "median_cpu_s": _median([r["cpu_s"] for r in ok]),
+                "median_peak_rss_mib": _median([r["peak_rss_mib"] for r in ok]),
+                "median_peak_growth_mib": _median([r["peak_growth_mib"] for r in ok]),
+                "median_worker_cpu_s": _median([r.get("worker_cpu_s", 0.0) for r in ok]),
+            }
+        )
+    for summary in summaries:
+        scenario = summary["scenario"]
+        median = summary["median_wall_s"]
+        for ref, key in ((IN_PROCESS, "ratio_vs_in_process"), (CELERY, "ratio_vs_celery")):
+            base = medians.get((scenario, ref))
+            summary[key] = median / base if (median is not None and base) else None
+    summaries.sort(
+        key=lambda s: (
+            s["scenario"],
+            ORDER.index(s["executor"]) if s["executor"] in ORDER else 99,
+        )
+    )
+    out = summaries + _targets(summaries, meta)
+    scaling = scaling_verdict(runs)
+    if scaling:
+        out.append(scaling)
+    return out
+
+
+def _targets(summaries: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    index = {(s["scenario"], s["executor"]): s for s in summaries}
+    targets: list[dict[str, Any]] = []
+    for executor in ("taskiq_redis", "taskiq_rabbitmq"):
+        chain = index.get(("chain_20", executor))
+        if chain and chain["median_wall_s"] is not None:
+            hop = chain["median_wall_s"] / chain["steps"]
+            targets.append(
+                {
+                    "type": "target",
+                    "executor": executor,
+                    "target": "chain_20 per hop <= 250 ms",
+                    "value": hop,
+                    "limit": CHAIN_HOP_TARGET_S,
+                    "met": hop <= CHAIN_HOP_TARGET_S,
+                }
+            )
+        fan = index.get(("fanout_100", executor))
+        if fan and fan["median_wall_s"] is not None:
+            for key, limit, label in (
+                ("ratio_vs_celery", FANOUT_VS_CELERY_TARGET, "fanout_100 <= 0.5 x dagster-celery"),
+                (
+                    "ratio_vs_in_process",
+                    FANOUT_VS_IN_PROCESS_TARGET,
+                    "fanout_100 <= 1.5 x in-process",
+                ),
+            ):
+                if fan.get(key) is not None:
+                    targets.append(
+                        {
+                            "type": "target",
+                            "executor": executor,
+                            "target": label,
+                            "value": fan[key],
+                            "limit": limit,
+                            "met": fan[key] <= limit,
+                        }
+                    )
+        sleepy = index.get(("sleepy", executor))
+        if sleepy and sleepy["median_wall_s"] is not None:
+            ideal = _ideal_sleepy(meta)
+            ratio = sleepy["median_wall_s"] / ideal
+            targets.append(
+                {
+                    "type": "target",
+                    "executor": executor,
+                    "target": f"sleepy <= 1.15 x ideal {ideal:g} s",
+                    "value": ratio,
+                    "limit": SLEEPY_SLACK,
+                    "met": ratio <= SLEEPY_SLACK,
+                }
+            )
+        runs = index.get(("runs_50", executor))
+        if runs:
+            targets.append(
+                {
+                    "type": "target",
+                    "executor": executor,
+                    "target": "runs_50: all runs succeed",
+                    "value": runs["failures"],
+                    "limit": 0,
+                    "met": runs["failures"] == 0 and runs["median_wall_s"] is not None,
+                }
+            )
+    return targets
+
+
+def scaling_verdict(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """How the orchestrator's CPU and peak memory grow with fan-out width (taskiq, Redis).
+
+    Uses the medians of every fan-out size measured. Growth counts as linear when the marginal
+    cost per step (between consecutive sizes from 100 steps up) varies by at most 1.5x and the
+    largest size's cost per step is no more than 1.5x the 100-step one.
+    """
+    points: dict[int, dict[str, float]] = {}
+    for run in runs:
+        if (
+            run["executor"] == "taskiq_redis"
+            and run["scenario"].startswith("fanout_")
+            and run.get("success")
+        ):
+            points.setdefault(run["steps"], {"cpu": [], "mem": []})  # type: ignore[dict-item]
+            points[run["steps"]]["cpu"].append(run["cpu_s"])  # type: ignore[attr-defined]
+            points[run["steps"]]["mem"].append(run["peak_growth_mib"])  # type: ignore[attr-defined]
+    sizes = sorted(s for s in points if s >= 100)
+    if len(sizes) < 2 or sizes[-1] < 500:
+        return None
+    cpu = {s: statistics.median(points[s]["cpu"]) for s in sizes}  # type: ignore[arg-type]
+    mem = {s: statistics.median(points[s]["mem"]) for s in sizes}  # type: ignore[arg-type]
+    marginal_cpu = [(cpu[b] - cpu[a]) / (b - a) for a, b in itertools.pairwise(sizes)]
+    marginal_mem = [(mem[b] - mem[a]) / (b - a) for a, b in itertools.pairwise(sizes)]
+    per_step_cpu = {s: cpu[s] / s for s in sizes}
+    spread = max(marginal_cpu) / min(marginal_cpu) if min(marginal_cpu) > 0 else float("inf")
+    growth = per_step_cpu[sizes[-1]] / per_step_cpu[sizes[0]]
+    linear = spread <= 1.5 and growth <= 1.5
+    largest = sizes[-1]
+    return {
+        "type": "scaling",
+        "executor": "taskiq_redis",
+        "sizes": sizes,
+        "orchestrator_cpu_s": cpu,
+        "orchestrator_peak_growth_mib": mem,
+        "cpu_ms_per_step": {s: 1000 * per_step_cpu[s] for s in sizes},
+        "marginal_cpu_ms_per_step": [1000 * m for m in marginal_cpu],
+        "marginal_mib_per_step": marginal_mem,
+        "largest_steps": largest,
+        "largest_cpu_ms_per_step": 1000 * per_step_cpu[largest],
+        "largest_mib_per_step": mem[largest] / largest,
+        "linear": linear,
+    }
+
+
+# -- printing ----------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_text(records: Sequence[dict[str, Any]]) -> str:
+    """A plain-text report of summaries, targets, scaling and memory."""
+    lines: list[str] = []
+    summaries = [r for r in records if r.get("type") == "summary"]
+    current = None
+    for s in summaries:
+        if s["scenario"] != current:
+            current = s["scenario"]
+            lines.append("")
+            lines.append(f"== {current} ({s['steps']} steps)")
+            lines.append(
+                f"  {'executor':<16} {'median':>9} {'per step':>9} {'vs in-proc':>10} "
+                f"{'vs celery':>9} {'orch CPU':>9} {'orch peak':>10} {'wkr CPU':>8} {'n':>3}"
+            )
+        lines.append(
+            f"  {s['executor']:<16} {_fmt(s['median_wall_s'], '.2f', ' s'):>9} "
+            f"{_fmt(_ms(s['median_per_step_s']), '.0f', ' ms'):>9} "
+            f"{_fmt(s['ratio_vs_in_process'], '.2f', 'x'):>10} "
+            f"{_fmt(s['ratio_vs_celery'], '.2f', 'x'):>9} "
+            f"{_fmt(s['median_cpu_s'], '.2f', ' s'):>9} "
+            f"{_fmt(s['median_peak_rss_mib'], '.0f', ' MiB'):>10} "
+            f"{_fmt(s['median_worker_cpu_s'], '.1f', ' s'):>8} {s['n']:>3}"
+            + (f"  ({s['failures']} failed)" if s["failures"] else "")
+        )
+    targets = [r for r in records if r.get("type") == "target"]
+    if targets:
+        lines += ["", "== targets"]
+        for t in targets:
+            lines.append(
+                f"  {'MET ' if t['met'] else 'MISS'} {t['executor']:<16} {t['target']:<40} "
+                f"value {t['value']:.3f} (limit {t['limit']})"
+            )
+    for scaling in (r for r in records if r.get("type") == "scaling"):
+        lines += ["", "== orchestrator scaling (taskiq_redis fan-outs)"]
+        for size in scaling["sizes"]:
+            key = size if size in scaling["cpu_ms_per_step"] else str(size)
+            lines.append(
+                f"  {size:>5} steps: CPU {scaling['orchestrator_cpu_s'][key]:.2f} s "
+                f"({scaling['cpu_ms_per_step'][key]:.1f} ms/step), peak growth "
+                f"{scaling['orchestrator_peak_growth_mib'][key]:.1f} MiB"
+            )
+        cpu_marginal = ", ".join(f"{m:.1f}" for m in scaling["marginal_cpu_ms_per_step"])
+        mem_marginal = ", ".join(f"{m:.3f}" for m in scaling["marginal_mib_per_step"])
+        lines.append(
+            f"  marginal CPU ms/step {cpu_marginal}; marginal MiB/step {mem_marginal}"
+            f" -> {'linear' if scaling['linear'] else 'NOT linear'}"
+        )
+    memory = [r for r in records if r.get("type") == "worker_memory"]
+    if memory:
+        lines += [
+            "",
+            "== worker memory (MiB; tree = worker + its children; PSS shares forked pages)",
+            f"  {'worker':<34} {'ready':>6} {'idle':>6} {'idle tree RSS/PSS':>18} "
+            f"{'busy':>6} {'busy tree RSS/PSS':>18} {'procs':>5} {'start':>6}",
+        ]
+        for m in memory:
+            lines.append(
+                f"  {m['worker']:<34} {m['ready_rss_mib']:6.0f} {m['idle_rss_mib']:6.0f} "
+                f"{m['idle_tree_rss_mib']:8.0f}/{m['idle_tree_pss_mib']:<9.0f} "
+                f"{m['busy_rss_mib']:6.0f} {m['busy_tree_rss_mib']:8.0f}/"
+                f"{m['busy_tree_pss_mib']:<9.0f} {m['max_processes']:5d} "
+                f"{_fmt(m.get('ready_after_s'), '.1f', ' s'):>6}"
+            )
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value * 1000
+
+
+def format_markdown(records: Sequence[dict[str, Any]]) -> str:
+    """The summary as Markdown tables (for RESULTS.md and the README)."""
+    summaries = [r for r in records if r.get("type") == "summary"]
+    executors = [e for e in ORDER if any(s["executor"] == e for s in summaries)]
+    scenarios: list[str] = []
+    for s in summaries:
+        if s["scenario"] not in scenarios:
+            scenarios.append(s["scenario"])
+    index = {(s["scenario"], s["executor"]): s for s in summaries}
+    header = "| scenario | " + " | ".join(executors) + " |"
+    lines = [header, "|---|" + "---|" * len(executors)]
+    for scenario in scenarios:
+        cells = []
+        for executor in executors:
+            found = index.get((scenario, executor))
+            if found is None or found["median_wall_s"] is None:
+                cells.append("–")
+                continue
+            cell = f"{found['median_wall_s']:.2f} s"
+            ratios = []
+            if executor != IN_PROCESS and found["ratio_vs_in_process"] is not None:
+                ratios.append(f"{found['ratio_vs_in_process']:.2f}× in-proc")
+            if executor != CELERY and found["ratio_vs_celery"] is not None:
+                ratios.append(f"{found['ratio_vs_celery']:.2f}× celery")
+            if ratios:
+                cell += " (" + ", ".join(ratios) + ")"
+            cells.append(cell)
+        lines.append(f"| `{scenario}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

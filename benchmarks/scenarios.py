@@ -1,0 +1,104 @@
+"""The benchmark scenarios, the modes that select them, and the targets they are judged by."""
+
+import dataclasses
+from collections.abc import Mapping
+
+from benchmarks.shapes import step_count
+
+TASKIQ = ("taskiq_redis", "taskiq_rabbitmq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One thing to measure on each applicable executor."""
+
+    name: str
+    shape: str
+    description: str
+    #: "execute": one run through ``execute_job``; "launch": many runs through the run launcher.
+    kind: str = "execute"
+    #: For "launch": how many runs, and which executor family the runs themselves use.
+    launch_count: int = 0
+    run_family: str = "in_process"
+    #: Executors this scenario applies to (empty: all).
+    only: tuple[str, ...] = ()
+    #: Executors skipped by default, with the reason (``--no-skip`` runs them anyway).
+    skip: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Whether an unmeasured warm-up round comes first (imports job code in the workers).
+    warmup: bool = True
+    #: At most this many measured rounds, whatever ``--rounds`` says (0: no cap).
+    max_rounds: int = 0
+    timeout: float = 600.0
+
+    @property
+    def steps(self) -> int:
+        """Steps per run (for launch scenarios: all steps of all runs)."""
+        per_run = step_count(self.shape)
+        return per_run * self.launch_count if self.kind == "launch" else per_run
+
+    def applies_to(self, executor: str, no_skip: bool = False) -> bool:
+        """Whether this scenario runs on ``executor``."""
+        if self.only and executor not in self.only:
+            return False
+        return no_skip or executor not in self.skip
+
+
+_SLOW_MULTIPROCESS = (
+    "multiprocess_executor starts a new interpreter per step (~0.65 s/step in the baseline): "
+    "{} min per run"
+)
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("chain_20", "chain_20", "20 ops in a strict chain, each passing a small value"),
+        Scenario("fanout_10", "fanout_10", "root -> 10 independent ops -> collect (12 steps)"),
+        Scenario("fanout_100", "fanout_100", "root -> 100 independent ops -> collect (102 steps)"),
+        Scenario(
+            "fanout_500",
+            "fanout_500",
+            "root -> 500 independent ops -> collect (502 steps)",
+            skip={"multiprocess": _SLOW_MULTIPROCESS.format("about 5.5")},
+            warmup=False,
+            max_rounds=2,
+            timeout=1200.0,
+        ),
+        Scenario("sleepy", "sleepy", "8 independent ops that each sleep 1 s"),
+        Scenario(
+            "runs_50",
+            "tiny",
+            "50 two-op runs (in-process executor inside each) launched at once through "
+            "TaskiqRunLauncher, timed from the first launch until all have finished",
+            kind="launch",
+            launch_count=50,
+            only=TASKIQ,
+            timeout=600.0,
+        ),
+        Scenario(
+            "fanout_1000",
+            "fanout_1000",
+            "root -> 1,000 independent ops -> collect: the orchestrator's cost per step",
+            only=("taskiq_redis",),
+            warmup=False,
+            max_rounds=2,
+            timeout=1800.0,
+        ),
+    )
+}
+
+MODES: dict[str, dict[str, object]] = {
+    "quick": {
+        "rounds": 1,
+        "scenarios": ["chain_20", "fanout_10", "fanout_100", "sleepy", "runs_50"],
+    },
+    "full": {
+        "rounds": 3,
+        "scenarios": list(SCENARIOS),
+    },
+}
+
+#: Per-hop target for chain_20 (seconds), fan-out ratios, and the sleepy slack over the ideal.
+CHAIN_HOP_TARGET_S = 0.25
+FANOUT_VS_CELERY_TARGET = 0.5
+FANOUT_VS_IN_PROCESS_TARGET = 1.5
+SLEEPY_SLACK = 1.15

@@ -1,0 +1,642 @@
+"""The ``dagster-taskiq`` command line: start and manage workers, and show queue status.
+
+Every command takes ``-y/--config-yaml FILE`` (shaped like the executor config,
+``execution: {config: {...}}``, and validated against the same schema) plus ``--broker`` and
+``--backend`` overrides. A user error (bad config, unreachable broker, unknown worker) prints one
+line and exits 1; usage errors exit 2 (click's default).
+"""
+
+import asyncio
+import datetime
+import functools
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+from dagster_taskiq.config import TaskiqSettings, redact_url, resolve_settings
+from dagster_taskiq.errors import DagsterTaskiqError, UnknownWorkerError
+from dagster_taskiq.local.demo import demo
+from dagster_taskiq.local.dev import dev
+from dagster_taskiq.version import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+#: Longest a one-shot command waits for the broker and backend before giving up. With Python's
+#: start-up this keeps "unreachable broker" well within the 10 s the interface promises.
+CONNECT_DEADLINE = 4.0
+#: Longest a one-shot command's work may take once connected.
+OPERATION_DEADLINE = 20.0
+#: How long ``worker start -d`` waits for the detached worker to register.
+BACKGROUND_START_TIMEOUT = 60.0
+#: Libraries that log every reconnect attempt; one-shot commands keep them quiet.
+NOISY_LOGGERS = ("aio_pika", "aiormq")
+#: Top-level keys a ``--config-yaml`` file may have.
+CONFIG_FILE_KEYS = frozenset({"execution"})
+
+
+class UserError(click.ClickException):
+    """A user error: printed as one line on stderr, exit code 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) turned into one space."""
+    return " ".join(str(text).split())
+
+
+# -- configuration -------------------------------------------------------------------------------
+def read_config_file(path: str) -> dict[str, Any]:
+    """The ``execution.config`` mapping of a ``--config-yaml`` file (``{}`` for an empty file)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+    except OSError as exc:
+        raise UserError(f"Cannot read config file {path}: {exc.strerror or exc}.") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UserError(f"Config file {path} is not valid YAML{at}: {problem}.") from None
+    if loaded is None:
+        return {}
+    shape = "Use the executor config's shape: 'execution: {config: {broker: ..., ...}}'."
+    if not isinstance(loaded, dict):
+        raise UserError(
+            f"Config file {path} must be a mapping, got {type(loaded).__name__}. {shape}"
+        )
+    unknown = sorted(str(k) for k in loaded if k not in CONFIG_FILE_KEYS)
+    if unknown:
+        raise UserError(f"Config file {path} has unknown top-level key(s) {unknown}. {shape}")
+    execution = loaded.get("execution")
+    if execution is None:
+        return {}
+    if not isinstance(execution, dict) or set(execution) - {"config"}:
+        raise UserError(f"In config file {path}, 'execution' must hold only 'config'. {shape}")
+    config = execution.get("config")
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"In config file {path}, 'execution.config' must be a mapping. {shape}")
+    return dict(config)
+
+
+def load_settings(
+    config_yaml: str | None, broker: str | None, backend: str | None
+) -> TaskiqSettings:
+    """Settings from a ``--config-yaml`` file (executor config shape) plus URL overrides."""
+    from dagster._config import process_config
+    from dagster._config.field import Field
+
+    from dagster_taskiq.executor import executor_config_schema
+
+    raw = read_config_file(config_yaml) if config_yaml else {}
+    if broker:
+        raw["broker"] = broker
+    if backend:
+        raw["backend"] = backend
+    result = process_config(Field(executor_config_schema()).config_type, raw)
+    if not result.success:
+        errors = "; ".join(error.message for error in result.errors or [])
+        raise UserError(f"Invalid config in {config_yaml or 'the options'}: {errors}")
+    return resolve_settings(result.value or {})
+
+
+def connection_options(func: F) -> F:
+    """``-y/--config-yaml``, ``--broker`` and ``--backend`` for every command."""
+    func = click.option(
+        "--backend", default=None, help="Redis URL for results and the key store (overrides -y)."
+    )(func)
+    func = click.option("--broker", default=None, help="Broker URL (overrides -y).")(func)
+    func = click.option(
+        "-y",
+        "--config-yaml",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="YAML file shaped like the executor config: execution: {config: {...}}.",
+    )(func)
+    return func
+
+
+def user_errors(func: F) -> F:
+    """Turn our errors, and connection failures, into one line on stderr and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DagsterTaskiqError as exc:
+            raise UserError(str(exc)) from None
+        except (TimeoutError, ConnectionError) as exc:
+            raise UserError(f"Lost the connection to the broker or backend: {exc}") from None
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise UserError(
+                    f"Lost the connection to the broker or backend ({type(exc).__name__}: {exc})."
+                ) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
+
+
+def with_connection(
+    settings: TaskiqSettings, factory: Callable[[Any], Awaitable[T]], *, connect_only: bool = False
+) -> T:
+    """Connect (within :data:`CONNECT_DEADLINE`), run ``factory(connection)``, then close.
+
+    Each one-shot command runs one event loop, once.
+    """
+    from dagster_taskiq.connection import TaskiqConnection
+    from dagster_taskiq.errors import BrokerUnavailableError
+
+    deadline = min(settings.connect_timeout, CONNECT_DEADLINE)
+
+    async def _main() -> T:
+        conn = TaskiqConnection(settings)
+        try:
+            try:
+                await asyncio.wait_for(conn.start(), deadline)
+            except asyncio.TimeoutError:
+                raise BrokerUnavailableError(
+                    f"Could not reach the broker ({redact_url(settings.broker_url)}) or the "
+                    f"backend ({redact_url(settings.backend_url)}) within {deadline:g} s. Start "
+                    "them, or fix --broker/--backend or the -y config file."
+                ) from None
+            return await asyncio.wait_for(factory(conn), OPERATION_DEADLINE)
+        finally:
+            try:
+                await asyncio.wait_for(conn.close(), 2.0)
+            except Exception:  # noqa: S110 - closing a connection that never opened
+                pass
+
+    quiet = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # a failed connect is reported in our one line, not in their retries
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return run_bounded(_main())
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+
+
+def run_bounded(coro: Awaitable[T], cleanup_timeout: float = 0.5) -> T:
+    """Run ``coro`` on a fresh event loop, then give leftover tasks ``cleanup_timeout`` seconds.
+
+    ``asyncio.run`` would wait for every leftover task, and aio-pika keeps reconnecting in the
+    background after a cancelled connection attempt, so a one-shot command could never exit.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=cleanup_timeout))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+# -- commands ------------------------------------------------------------------------------------
+@click.group()
+@click.version_option(__version__, prog_name="dagster-taskiq")
+def main() -> None:
+    """Run Dagster steps and runs on taskiq workers (Redis or RabbitMQ)."""
+
+
+@main.group()
+def worker() -> None:
+    """Start, list and stop workers."""
+
+
+@worker.command("start")
+@connection_options
+@click.option(
+    "-q",
+    "--queue",
+    "queues",
+    multiple=True,
+    help="Queue to serve (repeatable, or comma-separated). Default: the default queue.",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Steps run at once, each in its own process. A run's process does not take a slot.",
+)
+@click.option("-n", "--name", default=None, help="Worker name (default: <host>-<pid>).")
+@click.option("-d", "--background", is_flag=True, help="Detach and run in the background.")
+@click.option(
+    "-l",
+    "--loglevel",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option(
+    "-i",
+    "--include",
+    "includes",
+    multiple=True,
+    help="Module to import at start (your job code), repeatable.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between heartbeats.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="On SIGTERM or 'worker terminate', seconds to let running tasks finish before "
+    "interrupting them (default: wait for them).",
+)
+@click.option(
+    "--logfile",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --background: where the worker logs (default: a file in the temp directory).",
+)
+@user_errors
+def worker_start(
+    config_yaml: str | None,
+    broker: str | None,
+    backend: str | None,
+    queues: Sequence[str],
+    concurrency: int,
+    name: str | None,
+    background: bool,
+    loglevel: str,
+    includes: Sequence[str],
+    heartbeat_interval: float,
+    shutdown_timeout: float | None,
+    logfile: str | None,
+) -> None:
+    """Start a worker serving the given queues."""
+    from dagster_taskiq.worker.service import (
+        WorkerOptions,
+        default_worker_name,
+        parse_queues,
+        run_worker,
+    )
+
+    settings = load_settings(config_yaml, broker, backend)
+    queue_names = parse_queues(queues, settings.default_queue)
+    with_connection(settings, _noop)  # fail fast, with one line, if the broker is unreachable
+    if background:
+        args = [
+            "-c",
+            str(concurrency),
+            "-l",
+            loglevel,
+            "--heartbeat-interval",
+            str(heartbeat_interval),
+        ]
+        if config_yaml:
+            args += ["-y", os.path.abspath(config_yaml)]
+        if broker:
+            args += ["--broker", broker]
+        if backend:
+            args += ["--backend", backend]
+        for queue in queue_names:
+            args += ["-q", queue]
+        if name:
+            args += ["-n", name]
+        for module in includes:
+            args += ["-i", module]
+        if shutdown_timeout is not None:
+            args += ["--shutdown-timeout", str(shutdown_timeout)]
+        _start_in_background(settings, args, name, logfile)
+        return
+    logging.basicConfig(
+        level=loglevel.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    options = WorkerOptions(
+        name=name or default_worker_name(),
+        queues=queue_names,
+        concurrency=concurrency,
+        heartbeat_interval=heartbeat_interval,
+        liveness_ttl=max(5.0, heartbeat_interval * 5),
+        shutdown_timeout=shutdown_timeout,
+        includes=tuple(includes),
+    )
+    sys.exit(run_worker(settings, options))
+
+
+async def _noop(_: Any) -> None:
+    return None
+
+
+def _start_in_background(
+    settings: TaskiqSettings, args: list[str], name: str | None, logfile: str | None
+) -> None:
+    path = os.path.abspath(
+        logfile
+        or os.path.join(
+            tempfile.gettempdir(), f"dagster-taskiq-worker-{int(time.time() * 1000)}.log"
+        )
+    )
+    with open(path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dagster_taskiq.cli", "worker", "start", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    worker_name = name or f"{socket.gethostname()}-{process.pid}"
+
+    async def _registered(conn: Any) -> bool:
+        deadline = time.monotonic() + BACKGROUND_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if await conn.keystore.worker_alive(worker_name):
+                return True
+            if process.poll() is not None:
+                return False
+            await asyncio.sleep(0.1)
+        return False
+
+    if not with_connection(settings, _registered):
+        code = process.poll()
+        state = f"exited with code {code}" if code is not None else "did not register in time"
+        raise UserError(
+            f"The background worker {worker_name} (pid {process.pid}) {state}; see its log {path}: "
+            f"{_last_line(path)}"
+        )
+    click.echo(f"Started worker {worker_name} in the background: pid {process.pid}, log {path}")
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = [line.strip() for line in handle if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(
+        timespec="seconds"
+    )
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+WORKER_HEADERS = ("NAME", "HOST", "PID", "QUEUES", "CONCURRENCY", "RUNNING", "LAST HEARTBEAT")
+
+
+def _worker_rows(workers: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            w["name"],
+            w["host"],
+            w["pid"],
+            ",".join(w["queues"]),
+            w["concurrency"],
+            w["running"],
+            w["last_heartbeat"],
+        )
+        for w in workers
+    ]
+
+
+def _worker_document(info: Any) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "host": info.host,
+        "pid": info.pid,
+        "queues": list(info.queues),
+        "concurrency": info.concurrency,
+        "running": len(info.running),
+        "running_tasks": list(info.running),
+        "last_heartbeat": _iso(info.last_heartbeat),
+    }
+
+
+@worker.command("list")
+@connection_options
+@user_errors
+def worker_list(config_yaml: str | None, broker: str | None, backend: str | None) -> None:
+    """List live workers: name, host, pid, queues, concurrency, running tasks, last heartbeat."""
+    settings = load_settings(config_yaml, broker, backend)
+
+    async def _list(conn: Any) -> list[dict[str, Any]]:
+        return [_worker_document(w) for w in await conn.keystore.list_workers()]
+
+    workers = with_connection(settings, _list)
+    if not workers:
+        click.echo("No live workers.")
+        return
+    click.echo(_table(WORKER_HEADERS, _worker_rows(workers)))
+
+
+@worker.command("terminate")
+@connection_options
+@click.argument("name", required=False)
+@click.option("-a", "--all", "all_workers", is_flag=True, help="Terminate every live worker.")
+@user_errors
+def worker_terminate(
+    config_yaml: str | None,
+    broker: str | None,
+    backend: str | None,
+    name: str | None,
+    all_workers: bool,
+) -> None:
+    """Ask worker NAME, or every worker (-a), to finish its tasks and exit (exit code 0)."""
+    if bool(name) == all_workers:
+        raise click.UsageError("Name one worker, or pass -a/--all (not both).")
+    settings = load_settings(config_yaml, broker, backend)
+
+    async def _terminate(conn: Any) -> list[str]:
+        live = [w.name for w in await conn.keystore.list_workers()]
+        if all_workers:
+            targets = live
+        elif name not in live:
+            raise UnknownWorkerError(
+                f"No live worker named '{name}'. Live workers: {', '.join(live) or 'none'}. "
+                "See 'dagster-taskiq worker list'."
+            )
+        else:
+            targets = [name]
+        await conn.keystore.request_shutdown(targets)
+        return targets
+
+    targets = with_connection(settings, _terminate)
+    if not targets:
+        click.echo("No live workers.")
+    for target in targets:
+        click.echo(f"Asked worker {target} to shut down.")
+
+
+async def collect_status(conn: Any) -> dict[str, Any]:
+    """The ``status --json`` document: queues, workers and in-flight tasks.
+
+    ``waiting``/``by_priority`` count the tasks the key store holds as queued (revoked ones are
+    left out); ``in_broker`` is the raw number of messages the broker holds for the queue.
+    """
+    from dagster_taskiq import keystore as ks
+
+    workers = await conn.keystore.list_workers()
+    records = await conn.keystore.get_many(await conn.keystore.inflight_ids())
+    now = time.time()
+    names = {q for w in workers for q in w.queues} | {r.queue for r in records}
+    names |= set(await _broker_queues(conn.broker))
+    queues = []
+    for queue in sorted(names):
+        by_priority: dict[int, int] = {}
+        for record in records:
+            if record.queue == queue and record.state == ks.QUEUED:
+                by_priority[record.priority] = by_priority.get(record.priority, 0) + 1
+        queues.append(
+            {
+                "name": queue,
+                "waiting": sum(by_priority.values()),
+                "by_priority": {str(p): n for p, n in sorted(by_priority.items(), reverse=True)},
+                "in_broker": await _broker_depth(conn.broker, queue),
+            }
+        )
+    in_flight = [
+        {
+            "task_id": r.task_id,
+            "kind": r.kind,
+            "run_id": r.run_id,
+            "step_key": r.step_key,
+            "queue": r.queue,
+            "priority": r.priority,
+            "worker": r.worker,
+            "state": r.state,
+            "elapsed_s": round(max(0.0, now - (r.started_at or r.claimed_at or r.submitted_at)), 3),
+        }
+        for r in records
+    ]
+    return {
+        "queues": queues,
+        "workers": [_worker_document(w) for w in workers],
+        "in_flight": in_flight,
+        "dead_letters": await conn.keystore.dead_letter_count(),
+    }
+
+
+async def _broker_queues(broker: Any) -> list[str]:
+    from dagster_taskiq.brokers.redis_priority import RedisPriorityBroker
+
+    if isinstance(broker, RedisPriorityBroker):
+        return list(await broker.known_queues())
+    return []
+
+
+async def _broker_depth(broker: Any, queue: str) -> int | None:
+    from dagster_taskiq.brokers.redis_priority import RedisPriorityBroker
+
+    if isinstance(broker, RedisPriorityBroker):
+        return int(await broker.redis.zcard(broker.queue_key(queue)))
+    waiting = getattr(broker, "waiting", None)
+    if waiting is not None:
+        return int(await waiting(queue))
+    return None
+
+
+@main.command("status")
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON object.")
+@user_errors
+def status(config_yaml: str | None, broker: str | None, backend: str | None, as_json: bool) -> None:
+    """Show queues (waiting tasks by priority), workers and in-flight tasks."""
+    settings = load_settings(config_yaml, broker, backend)
+    document = with_connection(settings, collect_status)
+    if as_json:
+        click.echo(json.dumps(document))
+        return
+    click.echo(render_status(document))
+
+
+def render_status(document: dict[str, Any]) -> str:
+    """The ``status`` tables for a :func:`collect_status` document."""
+    queue_rows = [
+        (
+            q["name"],
+            q["waiting"],
+            " ".join(f"p{p}:{n}" for p, n in q["by_priority"].items()) or "-",
+            "-" if q["in_broker"] is None else q["in_broker"],
+        )
+        for q in document["queues"]
+    ]
+    task_rows = [
+        (
+            t["run_id"],
+            t["kind"],
+            t["step_key"] or "-",
+            t["queue"],
+            t["priority"],
+            t["worker"] or "-",
+            t["state"],
+            f"{t['elapsed_s']:.1f}s",
+            t["task_id"],
+        )
+        for t in document["in_flight"]
+    ]
+    parts = [
+        "QUEUES",
+        _table(("NAME", "WAITING", "BY PRIORITY", "IN BROKER"), queue_rows)
+        if queue_rows
+        else "  (none)",
+        "",
+        "WORKERS",
+        _table(WORKER_HEADERS, _worker_rows(document["workers"]))
+        if document["workers"]
+        else "  (none)",
+        "",
+        "IN FLIGHT",
+        _table(
+            ("RUN", "KIND", "STEP", "QUEUE", "PRIORITY", "WORKER", "STATE", "ELAPSED", "TASK"),
+            task_rows,
+        )
+        if task_rows
+        else "  (none)",
+    ]
+    if document["dead_letters"]:
+        parts += ["", f"DEAD LETTERS: {document['dead_letters']} rejected message(s) kept."]
+    return "\n".join(parts)
+
+
+main.add_command(demo)
+main.add_command(dev)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Configuration shared by the executor, the run launcher and the CLI.
+
+The executor config, the launcher config and the CLI's ``--config-yaml`` file all resolve to one
+:class:`TaskiqSettings`. Defaults follow the interface contract: explicit config, then the
+``DAGSTER_TASKIQ_*`` environment variables, then the run launcher's settings, then localhost.
+"""
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dagster import Field, IntSource, Noneable, Permissive, StringSource
+
+from dagster_taskiq.errors import TaskiqConfigError
+from dagster_taskiq.tags import validate_queue_name
+
+BROKER_ENV = "DAGSTER_TASKIQ_BROKER_URL"
+BACKEND_ENV = "DAGSTER_TASKIQ_BACKEND_URL"
+DEFAULT_URL = "redis://localhost:6379/0"
+DEFAULT_QUEUE = "dagster"
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+RABBITMQ_SCHEMES = frozenset({"amqp", "amqps"})
+
+#: Options of ``config_source`` that dagster-taskiq itself reads; anything else is handed to the
+#: broker's connection (redis-py or aio-pika) unchanged.
+KNOWN_SOURCE_OPTIONS = {
+    "result_ttl": "seconds a task's result and record are kept after it finishes (default 86400)",
+    "key_prefix": "prefix of every Redis key dagster-taskiq writes (default 'dagster_taskiq')",
+    "connect_timeout": "seconds to wait for the broker or backend before failing (default 10)",
+    "max_message_bytes": "largest task message accepted at submit time (default 4194304)",
+    "exchange": "RabbitMQ exchange name (default 'dagster_taskiq')",
+    "max_priority": "RabbitMQ x-max-priority of declared queues (default 10)",
+    "qos": "RabbitMQ prefetch per consumer (default 1)",
+    "queue_arguments": "extra RabbitMQ queue arguments, e.g. {'x-expires': 86400000}",
+    "dead_letter_max": "how many rejected messages the dead-letter list keeps (default 1000)",
+    "reconnect_timeout": "seconds a submit keeps retrying while the broker or backend is "
+    "unreachable, before the step or run fails (default 60)",
+}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, safe for logs, events and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    # Keep the host part exactly as written (IPv6 brackets, port); replace only the password.
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def broker_kind(url: str) -> str:
+    """``"redis"`` or ``"rabbitmq"`` for a broker URL, else :class:`TaskiqConfigError`."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in REDIS_SCHEMES:
+        return "redis"
+    if scheme in RABBITMQ_SCHEMES:
+        return "rabbitmq"
+    raise TaskiqConfigError(
+        f"Unsupported broker URL scheme '{scheme}://' in {redact_url(url)!r}. Use redis://, "
+        "rediss://, unix:// (Redis) or amqp://, amqps:// (RabbitMQ)."
+    )
+
+
+def check_backend_url(url: str) -> str:
+    """Return ``url`` if it is a Redis URL; the backend and key store are always Redis."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in REDIS_SCHEMES:
+        raise TaskiqConfigError(
+            f"The result backend must be Redis (redis://, rediss:// or unix://), got "
+            f"{redact_url(url)!r}. Set 'backend' or {BACKEND_ENV} to a Redis URL."
+        )
+    return url
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskiqSettings:
+    """Everything needed to talk to the broker, the result backend and the key store."""
+
+    broker_url: str = DEFAULT_URL
+    backend_url: str = DEFAULT_URL
+    default_queue: str = DEFAULT_QUEUE
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    config_source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        broker_kind(self.broker_url)
+        check_backend_url(self.backend_url)
+        validate_queue_name(self.default_queue, "the 'default_queue' setting")
+        if self.heartbeat_timeout <= 0:
+            raise TaskiqConfigError(
+                f"heartbeat_timeout must be positive, got {self.heartbeat_timeout}."
+            )
+
+    @property
+    def broker_kind(self) -> str:
+        """``"redis"`` or ``"rabbitmq"``."""
+        return broker_kind(self.broker_url)
+
+    def option(self, name: str, default: Any) -> Any:
+        """A ``config_source`` option dagster-taskiq reads itself, with its default."""
+        return self.config_source.get(name, default)
+
+    @property
+    def key_prefix(self) -> str:
+        """Prefix of every Redis key we write."""
+        return str(self.option("key_prefix", "dagster_taskiq"))
+
+    @property
+    def result_ttl(self) -> int:
+        """Seconds to keep results and task records after a task ends."""
+        return int(self.option("result_ttl", 86400))
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds to wait for a connection before failing."""
+        return float(self.option("connect_timeout", 10.0))
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest message accepted at submit time."""
+        return int(self.option("max_message_bytes", 4 * 1024 * 1024))
+
+    @property
+    def passthrough_options(self) -> dict[str, Any]:
+        """``config_source`` entries that go to the broker connection unchanged."""
+        return {k: v for k, v in self.config_source.items() if k not in KNOWN_SOURCE_OPTIONS}
+
+    def describe(self) -> str:
+        """A one-line, credential-free description for logs and events."""
+        return (
+            f"broker {redact_url(self.broker_url)}, backend {redact_url(self.backend_url)}, "
+            f"default queue '{self.default_queue}'"
+        )
+
+
+def shared_config_schema() -> dict[str, Field]:
+    """Config fields shared by the executor and the run launcher (and the CLI's YAML file)."""
+    return {
+        "broker": Field(
+            Noneable(StringSource),
+            is_required=False,
+            default_value=None,
+            description=(
+                f"Broker URL: redis://, rediss://, unix:// or amqp://, amqps://. Defaults to "
+                f"{BROKER_ENV}, then the run launcher's broker, then {DEFAULT_URL}."
+            ),
+        ),
+        "backend": Field(
+            Noneable(StringSource),
+            is_required=False,
+            default_value=None,
+            description=(
+                f"Redis URL for results and the heartbeat key store. Defaults to {BACKEND_ENV}, "
+                "then the run launcher's backend, then the broker URL when it is Redis."
+            ),
+        ),
+        "default_queue": Field(
+            str,
+            is_required=False,
+            default_value=DEFAULT_QUEUE,
+            description="Queue for work that carries no dagster-taskiq/queue tag.",
+        ),
+        "heartbeat_timeout": Field(
+            float,
+            is_required=False,
+            default_value=DEFAULT_HEARTBEAT_TIMEOUT,
+            description="Seconds a claimed or running task may go without a heartbeat before it "
+            "is declared lost.",
+        ),
+        "config_source": Field(
+            Permissive(),
+            is_required=False,
+            default_value={},
+            description="Extra broker options: "
+            + "; ".join(f"{k}: {v}" for k, v in KNOWN_SOURCE_OPTIONS.items())
+            + ". Other keys go to the broker connection.",
+        ),
+    }
+
+
+def executor_only_schema() -> dict[str, Field]:
+    """Config fields that only the executor has."""
+    return {
+        "max_concurrent": Field(
+            Noneable(IntSource),
+            is_required=False,
+            default_value=None,
+            description="Maximum number of steps of one run in flight at once (default unlimited).",
+        ),
+        "poll_interval": Field(
+            float,
+            is_required=False,
+            default_value=0.02,
+            description="Seconds between two ticks of the orchestrator loop (event log poll).",
+        ),
+    }
+
+
+def resolve_settings(
+    config: Mapping[str, Any], fallback: "TaskiqSettings | None" = None
+) -> TaskiqSettings:
+    """Turn a validated config dict into :class:`TaskiqSettings`.
+
+    Precedence for the URLs: the config value, the environment variable, ``fallback`` (the run
+    launcher's settings), then the localhost default. The backend falls back to the broker URL
+    when the broker is Redis.
+    """
+    broker = config.get("broker") or os.environ.get(BROKER_ENV)
+    if not broker:
+        broker = fallback.broker_url if fallback else DEFAULT_URL
+    kind = broker_kind(broker)
+    backend = config.get("backend") or os.environ.get(BACKEND_ENV)
+    if not backend:
+        if fallback is not None and fallback.broker_url == broker:
+            backend = fallback.backend_url
+        elif kind == "redis":
+            backend = broker
+        elif fallback is not None:
+            backend = fallback.backend_url
+        else:
+            backend = DEFAULT_URL
+    source = dict(config.get("config_source") or {})
+    if fallback is not None and not source:
+        source = dict(fallback.config_source)
+    heartbeat = config.get("heartbeat_timeout")
+    return TaskiqSettings(
+        broker_url=broker,
+        backend_url=check_backend_url(backend),
+        default_queue=str(config.get("default_queue") or DEFAULT_QUEUE),
+        heartbeat_timeout=float(heartbeat if heartbeat is not None else DEFAULT_HEARTBEAT_TIMEOUT),
+        config_source=source,
+    )
+
+
+def settings_to_config(settings: TaskiqSettings) -> dict[str, Any]:
+    """The config dict that :func:`resolve_settings` turns back into ``settings``."""
+    return {
+        "broker": settings.broker_url,
+        "backend": settings.backend_url,
+        "default_queue": settings.default_queue,
+        "heartbeat_timeout": settings.heartbeat_timeout,
+        "config_source": dict(settings.config_source),
+    }

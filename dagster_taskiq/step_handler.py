@@ -1,0 +1,201 @@
+"""Dagster ``StepHandler`` that sends each step to a taskiq queue and supervises it."""
+
+import time
+import uuid
+from collections.abc import Iterator
+
+from dagster import MetadataValue
+from dagster._core.events import DagsterEvent, EngineEventData
+from dagster._core.executor.step_delegating.step_handler.base import (
+    CheckStepHealthResult,
+    StepHandler,
+    StepHandlerContext,
+)
+
+from dagster_taskiq import keystore as ks
+from dagster_taskiq.connection import TaskiqClient, TaskiqConnection, seconds_ago
+from dagster_taskiq.payloads import STEP_TASK_NAME, StepTaskPayload, encode
+from dagster_taskiq.tags import step_routing
+
+#: Dagster checks every running step in one go; a check reuses the records read for the run's
+#: other steps within this many seconds, so one Redis pipeline serves the whole round.
+HEALTH_SNAPSHOT_SECONDS = 0.5
+
+
+class TaskiqStepHandler(StepHandler):
+    """Launches each step as a taskiq task and checks it through the heartbeat key store."""
+
+    def __init__(self, client: TaskiqClient) -> None:
+        self._client = client
+        # (run id, step key) -> the task this handler last launched for it.
+        self._task_ids: dict[tuple[str, str], str] = {}
+        self._ended: set[str] = set()
+        self._snapshot: dict[str, ks.TaskRecord] = {}
+        self._snapshot_at = float("-inf")
+
+    @property
+    def name(self) -> str:
+        """Shown in the run's first engine event."""
+        return "TaskiqStepHandler"
+
+    @property
+    def client(self) -> TaskiqClient:
+        """The client this handler submits through."""
+        return self._client
+
+    @staticmethod
+    def _step_key(context: StepHandlerContext) -> str:
+        keys = context.execute_step_args.step_keys_to_execute
+        assert keys is not None and len(keys) == 1, "TaskiqStepHandler launches one step at a time"
+        return keys[0]
+
+    def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        """Submit the step to its queue at its priority."""
+        step_key = self._step_key(step_handler_context)
+        run = step_handler_context.dagster_run
+        settings = self._client.settings
+        routing = step_routing(
+            step_handler_context.step_tags[step_key],
+            run.tags,
+            settings.default_queue,
+            f"step '{step_key}' of run {run.run_id}",
+        )
+        task_id = f"{run.run_id}.{step_key}.{uuid.uuid4().hex[:12]}"
+        payload = encode(
+            StepTaskPayload(
+                execute_step_args=step_handler_context.execute_step_args, step_key=step_key
+            )
+        )
+
+        async def _submit(conn: TaskiqConnection) -> None:
+            await conn.submit(
+                task_id=task_id,
+                task_name=STEP_TASK_NAME,
+                payload=payload,
+                kind="step",
+                run_id=run.run_id,
+                step_key=step_key,
+                queue=routing.queue,
+                priority=routing.priority,
+                heartbeat_timeout=settings.heartbeat_timeout,
+            )
+
+        self._client.run(_submit)
+        self._task_ids[(run.run_id, step_key)] = task_id
+        yield DagsterEvent.step_worker_starting(
+            step_handler_context.get_step_context(step_key),
+            message=f"Sent step {step_key} to taskiq queue '{routing.queue}' as task {task_id} "
+            f"(priority {routing.priority}).",
+            metadata={
+                "taskiq_task_id": MetadataValue.text(task_id),
+                "taskiq_queue": MetadataValue.text(routing.queue),
+                "taskiq_priority": MetadataValue.int(routing.priority),
+            },
+        )
+
+    def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
+        """Healthy while queued, claimed by a live worker, or heartbeating; else say why not."""
+        step_key = self._step_key(step_handler_context)
+        run_id = step_handler_context.execute_step_args.run_id
+        launched = self._task_ids.get((run_id, step_key))
+        if launched is not None:
+            record = self._recent_record(run_id, launched)
+            if record is not None and (
+                record.state == ks.QUEUED
+                or (record.state in (ks.RUNNING, ks.REVOKING) and record.heartbeat_alive)
+            ):
+                return CheckStepHealthResult.healthy()
+
+        async def _check(conn: TaskiqConnection) -> CheckStepHealthResult:
+            task_id = await conn.keystore.step_task_id(run_id, step_key)
+            if task_id is None:
+                return CheckStepHealthResult.unhealthy(
+                    f"No taskiq task is recorded for step {step_key} of run {run_id}; it was never "
+                    "submitted or its record expired (config_source.result_ttl)."
+                )
+            record = await conn.keystore.get(task_id)
+            if record is None:
+                return CheckStepHealthResult.unhealthy(
+                    f"The record of task {task_id} (step {step_key}, run {run_id}) is gone; it "
+                    "expired or Redis lost its data."
+                )
+            return await _health_of(conn, record)
+
+        return self._client.run(_check)
+
+    def _recent_record(self, run_id: str, task_id: str) -> ks.TaskRecord | None:
+        """``task_id``'s record from a snapshot of all this run's unfinished tasks (one pipeline,
+        refreshed when older than ``HEALTH_SNAPSHOT_SECONDS``). Anything but plainly healthy is
+        checked again, fresh, by the caller."""
+        now = time.monotonic()
+        if now - self._snapshot_at > HEALTH_SNAPSHOT_SECONDS or task_id not in self._snapshot:
+            ids = [
+                tid
+                for (rid, _), tid in self._task_ids.items()
+                if rid == run_id and tid not in self._ended
+            ]
+            records = self._client.run(lambda conn: conn.keystore.get_many(ids))
+            self._snapshot = {record.task_id: record for record in records}
+            self._ended.update(r.task_id for r in records if not r.is_active)
+            self._snapshot_at = now
+        return self._snapshot.get(task_id)
+
+    def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        """Revoke the step's task: a queued one never starts, a running one is killed."""
+        step_key = self._step_key(step_handler_context)
+        run_id = step_handler_context.execute_step_args.run_id
+
+        async def _revoke(conn: TaskiqConnection) -> tuple[str | None, str]:
+            task_id = await conn.keystore.step_task_id(run_id, step_key)
+            if task_id is None:
+                return None, "unknown"
+            return task_id, await conn.keystore.revoke(task_id)
+
+        task_id, previous = self._client.run(_revoke)
+        yield DagsterEvent.engine_event(
+            step_handler_context.get_step_context(step_key),
+            message=f"Revoked step {step_key} (taskiq task {task_id}, was {previous}).",
+            event_specific_data=EngineEventData(
+                metadata={
+                    "taskiq_task_id": MetadataValue.text(str(task_id)),
+                    "previous_state": MetadataValue.text(previous),
+                }
+            ),
+        )
+
+
+async def _health_of(conn: TaskiqConnection, record: ks.TaskRecord) -> CheckStepHealthResult:
+    what = f"step {record.step_key}" if record.step_key else f"run {record.run_id}"
+    if record.state == ks.QUEUED:
+        return CheckStepHealthResult.healthy()
+    if record.state == ks.CLAIMED:
+        await conn.release_if_orphaned(record.task_id)
+        return CheckStepHealthResult.healthy()
+    if record.state in (ks.RUNNING, ks.REVOKING):
+        if record.heartbeat_alive:
+            return CheckStepHealthResult.healthy()
+        await conn.keystore.mark_lost(record.task_id)
+        return CheckStepHealthResult.unhealthy(lost_message(record))
+    if record.state == ks.LOST:
+        return CheckStepHealthResult.unhealthy(lost_message(record))
+    if record.state == ks.REVOKED:
+        return CheckStepHealthResult.unhealthy(f"Task {record.task_id} for {what} was revoked.")
+    outcome = await conn.outcome(record.task_id)
+    if outcome is None or outcome.status in ("success", "skipped"):
+        return CheckStepHealthResult.healthy()
+    return CheckStepHealthResult.unhealthy(
+        outcome.message
+        or f"Task {record.task_id} for {what} ended with status {outcome.status} on worker "
+        f"{outcome.worker}."
+    )
+
+
+def lost_message(record: ks.TaskRecord) -> str:
+    """Why a running task counts as lost: which worker stopped heartbeating, and when."""
+    what = f"step {record.step_key}" if record.step_key else f"run {record.run_id}"
+    return (
+        f"Worker {record.worker} (pid {record.pid}) stopped heartbeating for task "
+        f"{record.task_id} ({what}, queue '{record.queue}'); last heartbeat "
+        f"{seconds_ago(record.last_heartbeat)}, heartbeat_timeout {record.heartbeat_timeout:g} s. "
+        "The worker process probably died; check its logs."
+    )

@@ -1,0 +1,179 @@
+"""What a task's child process runs: one Dagster step, or one whole run.
+
+These functions run inside the forked child. They write every Dagster event straight to the
+instance's event log (so the UI sees a step's events while it runs) and return a
+:class:`~dagster_taskiq.payloads.TaskOutcome` for the worker to store.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import cast
+
+from dagster import DagsterInstance, DagsterRunStatus, MetadataValue
+from dagster._cli.api import verify_step
+from dagster._core.events import DagsterEvent, EngineEventData
+from dagster._core.execution.api import execute_plan_iterator
+from dagster._core.execution.context_creation_job import create_context_free_log_manager
+from dagster._core.execution.plan.state import KnownExecutionState
+from dagster._core.origin import JobPythonOrigin
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._grpc.impl import core_execute_run
+from dagster._grpc.types import ExecuteStepArgs
+from dagster._utils.error import serializable_error_info_from_exc_info
+
+from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome
+from dagster_taskiq.worker.warm import WarmCache
+
+BAD_MESSAGE = "bad_message"
+
+
+def run_step(
+    payload: StepTaskPayload,
+    worker: str,
+    cache: WarmCache,
+    step_done: Callable[[], None] | None = None,
+) -> TaskOutcome:
+    """Execute one step of a run in this process and report how the process ended.
+
+    ``step_done`` is called as soon as the step's success, failure or retry request is stored
+    in the event log, before the process tears down its log capture and resources.
+    """
+    args = payload.execute_step_args
+    instance = cache.instance(args.instance_ref)
+    dagster_run = instance.get_run_by_id(args.run_id)
+    if dagster_run is None:
+        return TaskOutcome(
+            status=BAD_MESSAGE,
+            worker=worker,
+            exit_code=None,
+            message=f"Run {args.run_id} does not exist in the worker's Dagster instance; step "
+            f"'{payload.step_key}' was not run. Check that workers share the instance storage.",
+        )
+    try:
+        for event in _step_events(args, instance, dagster_run, payload.step_key, cache):
+            if step_done is not None and (
+                event.is_step_success or event.is_step_failure or event.is_step_up_for_retry
+            ):
+                step_done()
+    except BaseException:
+        error = serializable_error_info_from_exc_info(sys.exc_info())
+        return TaskOutcome(
+            status="failure",
+            worker=worker,
+            exit_code=1,
+            message=f"Step '{payload.step_key}' of run {args.run_id} raised a framework error on "
+            f"worker {worker}: {error.message.strip()}",
+            error=error,
+        )
+    return TaskOutcome(status="success", worker=worker, exit_code=0)
+
+
+def _step_events(
+    args: ExecuteStepArgs,
+    instance: DagsterInstance,
+    dagster_run: DagsterRun,
+    step_key: str,
+    cache: WarmCache,
+) -> Iterator[DagsterEvent]:
+    log_manager = create_context_free_log_manager(instance, dagster_run)
+    yield DagsterEvent.step_worker_started(
+        log_manager,
+        dagster_run.job_name,
+        message=f'Step worker started for "{step_key}".',
+        metadata={"pid": MetadataValue.text(str(os.getpid()))},
+        step_key=step_key,
+    )
+    if dagster_run.is_finished or dagster_run.status == DagsterRunStatus.CANCELING:
+        yield instance.report_engine_event(
+            f"Skipping step {step_key}: run {dagster_run.run_id} is {dagster_run.status.value}.",
+            dagster_run,
+            step_key=step_key,
+        )
+        return
+    if args.should_verify_step and args.known_state is not None:
+        if not verify_step(instance, dagster_run, args.known_state.get_retry_state(), [step_key]):
+            return
+    known_state: KnownExecutionState | None = args.known_state
+    recon_job, execution_plan = cache.step_plan(
+        instance, dagster_run, args.step_keys_to_execute, known_state
+    )
+    try:
+        yield from execute_plan_iterator(
+            execution_plan,
+            recon_job,
+            dagster_run,
+            instance,
+            run_config=dagster_run.run_config,
+            retry_mode=args.retry_mode,
+        )
+    except KeyboardInterrupt:
+        yield instance.report_engine_event(
+            f"Step {step_key} was interrupted (revoked or worker shutting down).",
+            dagster_run,
+            step_key=step_key,
+        )
+        raise
+
+
+def run_whole_run(payload: RunTaskPayload, worker: str, cache: WarmCache) -> TaskOutcome:
+    """Execute (or resume) a whole run in this process, as ``dagster api execute_run`` would."""
+    instance = cache.run_instance(payload.instance_ref)
+    dagster_run = instance.get_run_by_id(payload.run_id)
+    if dagster_run is None:
+        return TaskOutcome(
+            status=BAD_MESSAGE,
+            worker=worker,
+            message=f"Run {payload.run_id} does not exist in the worker's Dagster instance. "
+            "Point the worker's DAGSTER_HOME at the same instance as the webserver and daemon.",
+        )
+    if dagster_run.is_finished:
+        return TaskOutcome(
+            status="skipped",
+            worker=worker,
+            message=f"Run {payload.run_id} already ended ({dagster_run.status.value}).",
+        )
+    if not payload.resume and dagster_run.status not in (
+        DagsterRunStatus.STARTING,
+        DagsterRunStatus.NOT_STARTED,
+        DagsterRunStatus.QUEUED,
+    ):
+        return TaskOutcome(
+            status="skipped",
+            worker=worker,
+            message=f"Run {payload.run_id} is {dagster_run.status.value}; not starting it again.",
+        )
+    origin = cast(JobPythonOrigin, dagster_run.job_code_origin)
+    recon_job = cache.recon_job(origin)
+    instance.report_engine_event(
+        f"{'Resuming' if payload.resume else 'Started'} run on taskiq worker {worker} "
+        f"(pid: {os.getpid()}).",
+        dagster_run,
+        EngineEventData.in_process(os.getpid()),
+    )
+    failed = False
+    try:
+        for event in core_execute_run(
+            recon_job,
+            dagster_run,
+            instance,
+            inject_env_vars=True,
+            resume_from_failure=payload.resume,
+        ):
+            if event.is_run_failure:
+                failed = True
+    except BaseException:
+        error = serializable_error_info_from_exc_info(sys.exc_info())
+        return TaskOutcome(
+            status="failure",
+            worker=worker,
+            exit_code=1,
+            message=f"Run {payload.run_id} raised on worker {worker}: {error.message.strip()}",
+            error=error,
+        )
+    return TaskOutcome(
+        status="failure" if failed else "success",
+        worker=worker,
+        exit_code=1 if failed else 0,
+        message=f"Run {payload.run_id} {'failed' if failed else 'succeeded'}.",
+    )

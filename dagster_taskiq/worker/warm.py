@@ -1,0 +1,263 @@
+"""What a worker keeps warm in its parent process so that each forked child starts fast.
+
+The parent imports the job's code and builds the Dagster instance once; children inherit both
+through ``fork``. Database connection pools are not shared across the fork: the child drops its
+inherited pool handles (without closing the parent's sockets) before it touches the database.
+
+Per run, the parent also keeps what every step of that run would otherwise rebuild in its child:
+
+* the run's **execution plan** (built once from the run's job, subset and config; a child only
+  cuts its one-step subset from it, which costs O(1) instead of O(steps) — this turns a fan-out's
+  plan building from quadratic into linear), and
+* an opened **event-log shard**: Dagster's default sqlite storage keeps one database per run and
+  checks its schema (alembic) the first time a process touches it; doing that once in the parent
+  spares every child the check.
+
+A plan whose known state carries dynamic mappings is not taken from the cache: those mappings
+change the plan's shape, so such steps build their plan as before.
+"""
+
+import collections
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from dagster import DagsterInstance, JobDefinition
+from dagster._core.definitions.reconstruct import ReconstructableJob
+from dagster._core.definitions.repository_definition import RepositoryLoadData
+from dagster._core.execution.api import create_execution_plan
+from dagster._core.execution.plan.plan import ExecutionPlan
+from dagster._core.execution.plan.state import KnownExecutionState
+from dagster._core.instance.ref import InstanceRef
+from dagster._core.origin import JobPythonOrigin
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from dagster._core.system_config.objects import ResolvedRunConfig
+from dagster._serdes import serialize_value
+from dagster._utils.hosted_user_process import recon_job_from_origin
+
+from dagster_taskiq.worker.logtail import gnu_tail_available, use_pid_watching_tail
+
+logger = logging.getLogger("dagster_taskiq.worker")
+
+#: Runs whose plans a worker keeps (least recently used ones are dropped).
+MAX_CACHED_RUNS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """A run's job and full execution plan, built once in the worker's parent process."""
+
+    recon_job: ReconstructableJob
+    job_def: JobDefinition
+    resolved_run_config: ResolvedRunConfig
+    plan: ExecutionPlan
+
+    def step_plan(
+        self, step_keys: Sequence[str], known_state: KnownExecutionState | None
+    ) -> ExecutionPlan:
+        """The plan for ``step_keys`` alone, as ``create_execution_plan`` would build it."""
+        full = self.plan._replace(known_state=known_state or KnownExecutionState())
+        return full.build_subset_plan(step_keys, self.job_def, self.resolved_run_config)
+
+
+class WarmCache:
+    """Per-worker cache of Dagster instances and loaded job code, shared with children by fork."""
+
+    def __init__(self) -> None:
+        self._instances: dict[str, DagsterInstance] = {}
+        self._jobs: dict[str, ReconstructableJob] = {}
+        self._own_instance: DagsterInstance | None = None
+        self._runs: collections.OrderedDict[str, RunPlan] = collections.OrderedDict()
+        self._gnu_tail: bool | None = None
+
+    def instance(self, ref: InstanceRef | None) -> DagsterInstance:
+        """The instance for ``ref`` (the worker's own instance when ``ref`` is None)."""
+        if ref is None:
+            return self.own_instance()
+        key = serialize_value(ref)
+        if key not in self._instances:
+            self._instances[key] = _opened(DagsterInstance.from_ref(ref))
+        return self._instances[key]
+
+    def own_instance(self) -> DagsterInstance:
+        """The instance the worker is configured with (``DAGSTER_HOME``)."""
+        if self._own_instance is None:
+            self._own_instance = _opened(DagsterInstance.get())
+        return self._own_instance
+
+    def run_instance(self, ref: InstanceRef | None) -> DagsterInstance:
+        """Instance for a run task: the worker's own if DAGSTER_HOME is set, else ``ref``."""
+        if os.environ.get("DAGSTER_HOME") or ref is None:
+            return self.own_instance()
+        return self.instance(ref)
+
+    def recon_job(self, origin: JobPythonOrigin) -> ReconstructableJob:
+        """The reconstructable job for ``origin``, with its code imported once per worker."""
+        key = serialize_value(origin)
+        if key not in self._jobs:
+            job = recon_job_from_origin(origin)
+            job.get_definition()
+            self._jobs[key] = job
+        return self._jobs[key]
+
+    def job_for_run(
+        self, instance: DagsterInstance, dagster_run: DagsterRun
+    ) -> tuple[ReconstructableJob, RepositoryLoadData | None]:
+        """The run's (subsetted) job and repository load data, as the run itself resolved them."""
+        repository_load_data = None
+        if dagster_run.has_repository_load_data and dagster_run.execution_plan_snapshot_id:
+            repository_load_data = instance.get_execution_plan_snapshot(
+                dagster_run.execution_plan_snapshot_id
+            ).repository_load_data
+        origin = dagster_run.job_code_origin
+        if origin is None:
+            raise ValueError(f"Run {dagster_run.run_id} has no job code origin.")
+        recon_job = (
+            self.recon_job(origin)
+            .with_repository_load_data(repository_load_data)
+            .get_subset(
+                op_selection=dagster_run.resolved_op_selection,
+                asset_selection=dagster_run.asset_selection,
+                asset_check_selection=dagster_run.asset_check_selection,
+            )
+        )
+        return recon_job, repository_load_data
+
+    def warm_up(
+        self,
+        origin: JobPythonOrigin | None,
+        ref: InstanceRef | None,
+        run_id: str | None = None,
+    ) -> None:
+        """Import the job code, open the instance and prepare the run, before forking children."""
+        self._check_tail()
+        try:
+            instance = self.instance(ref) if ref is not None else None
+            if origin is not None:
+                self.recon_job(origin)
+            if instance is not None and run_id is not None:
+                self.prepare_run(instance, run_id)
+        except Exception:
+            logger.warning(
+                "Could not pre-load job code, instance or plan; the task will retry it.",
+                exc_info=True,
+            )
+
+    def warm_up_run(self, run_id: str, ref: InstanceRef | None) -> None:
+        """For a whole-run task: open the run's instance, import its job code and touch its
+        event-log shard in the parent, so the forked run process starts warm."""
+        self._check_tail()
+        try:
+            instance = self.run_instance(ref)
+            dagster_run = instance.get_run_by_id(run_id)
+            if dagster_run is not None and dagster_run.job_code_origin is not None:
+                self.recon_job(dagster_run.job_code_origin)
+                _open_event_shard(instance, run_id)
+        except Exception:
+            logger.warning(
+                "Could not pre-load the instance or job code of run %s; its process will.",
+                run_id,
+                exc_info=True,
+            )
+
+    def prepare_run(self, instance: DagsterInstance, run_id: str) -> RunPlan | None:
+        """Build (once) what every step of ``run_id`` shares; None if the run does not exist."""
+        cached = self._runs.get(run_id)
+        if cached is not None:
+            self._runs.move_to_end(run_id)
+            return cached
+        dagster_run = instance.get_run_by_id(run_id)
+        if dagster_run is None:
+            return None
+        _open_event_shard(instance, run_id)
+        recon_job, repository_load_data = self.job_for_run(instance, dagster_run)
+        job_def = recon_job.get_definition()
+        resolved_run_config = ResolvedRunConfig.build(job_def, dagster_run.run_config)
+        plan = ExecutionPlan.build(
+            job_def,
+            resolved_run_config,
+            known_state=KnownExecutionState(),
+            repository_load_data=repository_load_data,
+        )
+        run_plan = RunPlan(recon_job, job_def, resolved_run_config, plan)
+        self._runs[run_id] = run_plan
+        while len(self._runs) > MAX_CACHED_RUNS:
+            self._runs.popitem(last=False)
+        return run_plan
+
+    def step_plan(
+        self,
+        instance: DagsterInstance,
+        dagster_run: DagsterRun,
+        step_keys: Sequence[str] | None,
+        known_state: KnownExecutionState | None,
+    ) -> tuple[ReconstructableJob, ExecutionPlan]:
+        """The job and the plan to execute ``step_keys`` of ``dagster_run`` in this process.
+
+        Cut from the run's cached plan when the parent prepared it; built from scratch otherwise,
+        and always for a known state with dynamic mappings (they change the plan's shape).
+        """
+        cached = self._runs.get(dagster_run.run_id)
+        dynamic = known_state is not None and bool(known_state.dynamic_mappings)
+        if cached is not None and step_keys and not dynamic:
+            return cached.recon_job, cached.step_plan(step_keys, known_state)
+        recon_job, repository_load_data = self.job_for_run(instance, dagster_run)
+        plan = create_execution_plan(
+            recon_job,
+            run_config=dagster_run.run_config,
+            step_keys_to_execute=step_keys,
+            known_state=known_state,
+            repository_load_data=repository_load_data,
+        )
+        return recon_job, plan
+
+    def _check_tail(self) -> None:
+        if self._gnu_tail is None:
+            self._gnu_tail = gnu_tail_available()
+
+    def after_fork(self) -> None:
+        """In a child: forget inherited database pool connections (the parent keeps them), and
+        mirror captured logs with ``tail --pid`` instead of a watcher interpreter per stream."""
+        for instance in [*self._instances.values(), self._own_instance]:
+            if instance is not None:
+                _dispose_engines(instance)
+        if self._gnu_tail:
+            use_pid_watching_tail()
+
+
+def _opened(instance: DagsterInstance) -> DagsterInstance:
+    """``instance`` with its lazily built parts that every step uses built now (in the parent).
+
+    The compute log manager is created (and its modules imported) on first use; without this,
+    every step's process would do it again.
+    """
+    try:
+        instance.compute_log_manager  # noqa: B018
+    except Exception:
+        logger.debug("Could not set up the compute log manager early.", exc_info=True)
+    return instance
+
+
+def _open_event_shard(instance: DagsterInstance, run_id: str) -> None:
+    """Touch the run's sqlite event-log shard so its one-time schema check happens here."""
+    storage = instance.event_log_storage
+    if isinstance(storage, SqliteEventLogStorage):
+        storage.get_records_for_run(run_id, limit=1)
+
+
+def _dispose_engines(instance: DagsterInstance) -> None:
+    seen: set[int] = set()
+    stack: list[Any] = [instance.run_storage, instance.event_log_storage, instance.schedule_storage]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        engine = getattr(obj, "_engine", None)
+        if engine is not None and hasattr(engine, "dispose"):
+            engine.dispose(close=False)
+        for attr in ("_storage", "_run_storage", "_event_log_storage", "_schedule_storage"):
+            stack.append(getattr(obj, attr, None))

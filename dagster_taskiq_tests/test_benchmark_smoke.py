@@ -1,0 +1,73 @@
+"""Smoke test of the benchmark harness: one small quick-mode scenario, checked by its JSON lines."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dagster_taskiq_tests.harness import REPO_ROOT
+
+
+def test_quick_fanout_10_writes_json_lines(redis_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.jsonl"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "run",
+        "quick",
+        "--scenarios",
+        "fanout_10",
+        "--executors",
+        "taskiq_redis,in_process",
+        "--rounds",
+        "1",
+        "--no-warmup",
+        "--workers",
+        "1",
+        "--redis-url",
+        redis_url,
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_type: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+    for record in records:
+        by_type.setdefault(record["type"], []).append(record)
+
+    (meta,) = by_type["meta"]
+    assert meta["mode"] == "quick"
+    assert set(meta["executors"]) == {"taskiq_redis", "in_process"}
+    assert meta["versions"]["dagster"] and meta["machine"]["cores"] >= 1
+
+    runs = {r["executor"]: r for r in by_type["run"]}
+    assert set(runs) == {"taskiq_redis", "in_process"}
+    for run in runs.values():
+        assert run["success"] is True, run
+        assert run["scenario"] == "fanout_10" and run["steps"] == 12
+        assert run["wall_s"] > 0 and run["cpu_s"] > 0 and run["peak_rss_mib"] > 0
+    assert runs["taskiq_redis"]["worker_cpu_s"] > 0  # the steps ran on the workers
+
+    summaries = {s["executor"]: s for s in by_type["summary"]}
+    assert summaries["in_process"]["ratio_vs_in_process"] == 1.0
+    assert summaries["taskiq_redis"]["median_wall_s"] == runs["taskiq_redis"]["wall_s"]
+    assert summaries["taskiq_redis"]["ratio_vs_in_process"] > 0
+
+    memory = by_type["worker_memory"]
+    assert len(memory) == 1 and memory[0]["executor"] == "taskiq_redis"
+    assert all(m["busy_tree_rss_mib"] > 0 and m["ready_rss_mib"] > 0 for m in memory)
+    assert "fanout_10" in done.stdout and "taskiq_redis" in done.stdout
+
+    report = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "report", str(out), "--markdown"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "| `fanout_10` |" in report.stdout

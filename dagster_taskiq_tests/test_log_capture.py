@@ -1,25 +1,21 @@
-"""A step's stdout and stderr are captured (and mirrored to the worker) without a watcher
-interpreter per stream, and the mirroring ``tail`` never outlives a step process."""
+"""A step's stdout and stderr are captured, and mirrored to the worker by a thread in the step
+process: no helper process per stream, nothing left behind when a step process dies, and no
+output lost at the end of a capture."""
 
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
 
 from dagster_taskiq.config import TaskiqSettings
-from dagster_taskiq.worker.logtail import gnu_tail_available
 from dagster_taskiq_tests import log_capture_jobs as jobs
 from dagster_taskiq_tests.harness import WorkerPool, executor_config, wait_for
 
-needs_gnu_tail = pytest.mark.skipif(not gnu_tail_available(), reason="needs GNU coreutils tail")
 
-
-@needs_gnu_tail
 @pytest.mark.parametrize("broker_kind", ["redis"], indirect=True)
-def test_step_output_is_captured_and_mirrored_by_one_tail_per_stream(
+def test_step_output_is_captured_and_mirrored_without_helper_processes(
     instance: DagsterInstance, settings: TaskiqSettings, workers: WorkerPool
 ) -> None:
     worker = workers.start()
@@ -28,10 +24,8 @@ def test_step_output_is_captured_and_mirrored_by_one_tail_per_stream(
         assert result.success
         helpers = result.output_for_node("chatty")
         run_id = result.run_id
-    # The capture's helpers: one `tail --pid=<step process>` per stream, no watcher interpreter.
-    assert len(helpers) == 2, helpers
-    assert all(h.startswith("tail -F -c +0 --pid=") for h in helpers), helpers
-    assert not any("watch_orphans" in h for h in helpers), helpers
+    # No `tail` and no watcher interpreter: the step process started no helper at all.
+    assert helpers == [], helpers
 
     captured = [
         e
@@ -54,30 +48,31 @@ def test_step_output_is_captured_and_mirrored_by_one_tail_per_stream(
     assert manager.is_capture_complete(log_key)
 
 
-@needs_gnu_tail
-def test_tail_exits_when_its_process_dies_abruptly(tmp_path: Path) -> None:
-    """No orphan: a process killed mid-capture leaves no ``tail`` behind."""
+def test_mirror_copies_the_last_lines_and_needs_no_clean_up(tmp_path: Path) -> None:
+    """Lines written just before a capture ends reach the mirror, and an abrupt exit mid-capture
+    keeps what was captured."""
     path = tmp_path / "out.log"
     script = f"""
 import os, sys
 from dagster._core.execution import compute_logs
-from dagster_taskiq.worker.logtail import use_pid_watching_tail
-assert use_pid_watching_tail()
-with compute_logs.mirror_stream_to_file(sys.stdout, {str(path)!r}) as pids:
-    print(pids[0], file=sys.stderr, flush=True)
+from dagster_taskiq.worker.logtail import use_thread_mirroring
+assert use_thread_mirroring()
+with compute_logs.mirror_stream_to_file(sys.stdout, {str(path)!r}):
+    for n in range(3):
+        print("line", n)
+print("after capture", flush=True)
+with compute_logs.mirror_stream_to_file(sys.stdout, {str(path)!r}):
+    print("last words", flush=True)
     os._exit(9)  # no clean-up, like a SIGKILL
 """
-    # Files, not pipes, for the outputs: the orphaned tail inherits them.
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-        code = subprocess.call([sys.executable, "-c", script], stdout=stdout, stderr=stderr)
-    assert code == 9, err.read_text()
-    tail_pid = int(err.read_text().strip().splitlines()[-1])
-
-    def gone() -> bool:
-        try:
-            return psutil.Process(tail_pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    wait_for(gone, timeout=10, what=f"tail {tail_pid} to exit")
+    out = tmp_path / "stdout"
+    with open(out, "wb") as stdout:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=stdout)
+        code = proc.wait(60)
+    assert code == 9
+    mirrored = out.read_text().splitlines()
+    # The first capture was mirrored completely, even its last line, and before the capture
+    # ended (so before "after capture" was printed).
+    assert mirrored[:4] == ["line 0", "line 1", "line 2", "after capture"], mirrored
+    captured = path.read_text().splitlines()
+    assert captured == ["line 0", "line 1", "line 2", "last words"], captured

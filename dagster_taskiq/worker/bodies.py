@@ -33,15 +33,19 @@ def run_step(
     worker: str,
     cache: WarmCache,
     step_done: Callable[[], None] | None = None,
+    dagster_run: DagsterRun | None = None,
 ) -> TaskOutcome:
     """Execute one step of a run in this process and report how the process ended.
 
     ``step_done`` is called as soon as the step's success, failure or retry request is stored
     in the event log, before the process tears down its log capture and resources.
+    ``dagster_run`` is the run as the worker read it just before forking this process; without
+    it, the run is read here.
     """
     args = payload.execute_step_args
     instance = cache.instance(args.instance_ref)
-    dagster_run = instance.get_run_by_id(args.run_id)
+    if dagster_run is None or dagster_run.run_id != args.run_id:
+        dagster_run = instance.get_run_by_id(args.run_id)
     if dagster_run is None:
         return TaskOutcome(
             status=BAD_MESSAGE,

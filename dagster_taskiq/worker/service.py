@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from dagster._core.storage.dagster_run import DagsterRun
 from taskiq import AckableMessage, TaskiqMessage
 
 from dagster_taskiq import keystore as ks
@@ -316,7 +317,7 @@ class Worker:
             return False
         # Import the job code and open the instance before forking, in a thread: the loop keeps
         # heartbeating (the claim stays ours) however long the code takes to import.
-        await asyncio.to_thread(self._warm_up, payload)
+        dagster_run = await asyncio.to_thread(self._warm_up, payload)
         timeout = record.heartbeat_timeout
         state = await self._persist(
             f"starting task {task_id}",
@@ -329,7 +330,7 @@ class Worker:
                 lambda: conn.keystore.finish(task_id, "revoked", state=ks.REVOKED),
             )
             return False
-        self._start_child(record, payload)
+        self._start_child(record, payload, dagster_run)
         return True
 
     def _decode(self, message: TaskiqMessage) -> StepTaskPayload | RunTaskPayload:
@@ -357,22 +358,28 @@ class Worker:
                 lambda: keystore.dead_letter(reason, data, self.options.name, keep),
             )
 
-    def _warm_up(self, payload: StepTaskPayload | RunTaskPayload) -> None:
-        """Load what the task's child will need into this (parent) process, before the fork."""
+    def _warm_up(self, payload: StepTaskPayload | RunTaskPayload) -> DagsterRun | None:
+        """Load what the task's child will need into this (parent) process, before the fork.
+
+        For a step, returns its run as stored now, for the child to use.
+        """
         if isinstance(payload, StepTaskPayload):
             args = payload.execute_step_args
-            self.cache.warm_up(args.job_origin, args.instance_ref, args.run_id)
-        else:
-            self.cache.warm_up_run(payload.run_id, payload.instance_ref)
+            return self.cache.warm_up(args.job_origin, args.instance_ref, args.run_id)
+        self.cache.warm_up_run(payload.run_id, payload.instance_ref)
+        return None
 
     def _start_child(
-        self, record: ks.TaskRecord, payload: StepTaskPayload | RunTaskPayload
+        self,
+        record: ks.TaskRecord,
+        payload: StepTaskPayload | RunTaskPayload,
+        dagster_run: DagsterRun | None = None,
     ) -> None:
         name = self.options.name
         if isinstance(payload, StepTaskPayload):
 
             def body(step_done: Callable[[], None]) -> TaskOutcome:
-                return run_step(payload, name, self.cache, step_done)
+                return run_step(payload, name, self.cache, step_done, dagster_run)
 
         else:
 
@@ -410,6 +417,7 @@ class Worker:
     async def _supervise(self, running: _Running, payload: Any) -> None:
         assert self._conn is not None
         conn = self._conn
+        holds_slot = running.kind != "run"
         try:
             with contextlib.suppress(Exception):
                 await conn.backend_redis.hset(
@@ -420,6 +428,11 @@ class Worker:
                 (lambda: conn.keystore.wake_run(running.run_id)) if running.kind == "step" else None
             )
             elapsed = time.monotonic() - running.started
+            if holds_slot:
+                # The process is gone: its slot can take the next task while this one's
+                # outcome is being recorded.
+                holds_slot = False
+                self._slots.release()
             outcome = running.child.outcome()
             if outcome is None:
                 outcome = TaskOutcome(
@@ -463,7 +476,7 @@ class Worker:
             )
         finally:
             self._running.pop(running.task_id, None)
-            if running.kind != "run":
+            if holds_slot:
                 self._slots.release()
 
     async def _store(self, running: _Running, outcome: TaskOutcome, elapsed: float) -> None:

@@ -19,6 +19,7 @@ change the plan's shape, so such steps build their plan as before.
 
 import collections
 import dataclasses
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._serdes import serialize_value
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
-from dagster_taskiq.worker.logtail import gnu_tail_available, use_pid_watching_tail
+from dagster_taskiq.worker.logtail import use_thread_mirroring
 
 logger = logging.getLogger("dagster_taskiq.worker")
 
@@ -71,7 +72,6 @@ class WarmCache:
         self._jobs: dict[str, ReconstructableJob] = {}
         self._own_instance: DagsterInstance | None = None
         self._runs: collections.OrderedDict[str, RunPlan] = collections.OrderedDict()
-        self._gnu_tail: bool | None = None
 
     def instance(self, ref: InstanceRef | None) -> DagsterInstance:
         """The instance for ``ref`` (the worker's own instance when ``ref`` is None)."""
@@ -131,25 +131,32 @@ class WarmCache:
         origin: JobPythonOrigin | None,
         ref: InstanceRef | None,
         run_id: str | None = None,
-    ) -> None:
-        """Import the job code, open the instance and prepare the run, before forking children."""
-        self._check_tail()
+    ) -> DagsterRun | None:
+        """Import the job code, open the instance and prepare the run, before forking children.
+
+        Returns the run as stored now (None if it cannot be read here): the child runs with it
+        instead of reading it again through a freshly forked connection.
+        """
         try:
-            instance = self.instance(ref) if ref is not None else None
+            instance = self.instance(ref)
             if origin is not None:
                 self.recon_job(origin)
-            if instance is not None and run_id is not None:
-                self.prepare_run(instance, run_id)
+            if run_id is None:
+                return None
+            dagster_run = instance.get_run_by_id(run_id)
+            if dagster_run is not None:
+                self.prepare_run(instance, run_id, dagster_run)
+            return dagster_run
         except Exception:
             logger.warning(
                 "Could not pre-load job code, instance or plan; the task will retry it.",
                 exc_info=True,
             )
+            return None
 
     def warm_up_run(self, run_id: str, ref: InstanceRef | None) -> None:
         """For a whole-run task: open the run's instance, import its job code and touch its
         event-log shard in the parent, so the forked run process starts warm."""
-        self._check_tail()
         try:
             instance = self.run_instance(ref)
             dagster_run = instance.get_run_by_id(run_id)
@@ -163,13 +170,16 @@ class WarmCache:
                 exc_info=True,
             )
 
-    def prepare_run(self, instance: DagsterInstance, run_id: str) -> RunPlan | None:
+    def prepare_run(
+        self, instance: DagsterInstance, run_id: str, dagster_run: DagsterRun | None = None
+    ) -> RunPlan | None:
         """Build (once) what every step of ``run_id`` shares; None if the run does not exist."""
         cached = self._runs.get(run_id)
         if cached is not None:
             self._runs.move_to_end(run_id)
             return cached
-        dagster_run = instance.get_run_by_id(run_id)
+        if dagster_run is None:
+            dagster_run = instance.get_run_by_id(run_id)
         if dagster_run is None:
             return None
         _open_event_shard(instance, run_id)
@@ -214,18 +224,18 @@ class WarmCache:
         )
         return recon_job, plan
 
-    def _check_tail(self) -> None:
-        if self._gnu_tail is None:
-            self._gnu_tail = gnu_tail_available()
-
     def after_fork(self) -> None:
-        """In a child: forget inherited database pool connections (the parent keeps them), and
-        mirror captured logs with ``tail --pid`` instead of a watcher interpreter per stream."""
+        """In a child: leave the inherited heap to the parent, forget inherited database pool
+        connections (the parent keeps them), and mirror captured logs with a thread.
+
+        ``gc.freeze()`` moves every inherited object out of the collector's reach (in constant
+        time), so the child's collections do not write to, and so copy, the parent's pages.
+        """
+        gc.freeze()
         for instance in [*self._instances.values(), self._own_instance]:
             if instance is not None:
                 _dispose_engines(instance)
-        if self._gnu_tail:
-            use_pid_watching_tail()
+        use_thread_mirroring()
 
 
 def _opened(instance: DagsterInstance) -> DagsterInstance:

@@ -60,6 +60,7 @@ def broker_kind(url: str) -> str:
     """``"redis"`` or ``"rabbitmq"`` for a broker URL, else :class:`TaskiqConfigError`."""
     scheme = urlsplit(url).scheme.lower()
     if scheme in REDIS_SCHEMES:
+        check_redis_url(url, "broker")
         return "redis"
     if scheme in RABBITMQ_SCHEMES:
         return "rabbitmq"
@@ -77,7 +78,22 @@ def check_backend_url(url: str) -> str:
             f"The result backend must be Redis (redis://, rediss:// or unix://), got "
             f"{redact_url(url)!r}. Set 'backend' or {BACKEND_ENV} to a Redis URL."
         )
+    check_redis_url(url, "backend")
     return url
+
+
+def check_redis_url(url: str, what: str) -> None:
+    """Raise :class:`TaskiqConfigError` if redis-py cannot parse ``url`` (say, ``?db=x``)."""
+    from redis.connection import parse_url
+
+    scheme = urlsplit(url).scheme
+    try:
+        parse_url(scheme.lower() + url[len(scheme) :])
+    except ValueError as exc:
+        raise TaskiqConfigError(
+            f"The {what} URL {redact_url(url)!r} is malformed: {exc} Fix the '{what}' setting "
+            "(see the redis-py URL format: redis://[[user]:password@]host[:port][/db])."
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,8 +89,8 @@ class TaskiqConnection:
         except Exception as exc:
             raise BrokerUnavailableError(
                 f"Could not reach the Redis backend at {redact_url(self.settings.backend_url)} "
-                f"within {deadline:.0f} s ({type(exc).__name__}: {_short(exc)}). Start Redis or "
-                "fix 'backend' (or DAGSTER_TASKIQ_BACKEND_URL)."
+                f"({_why(exc, deadline)}). Start Redis or fix 'backend' (or "
+                "DAGSTER_TASKIQ_BACKEND_URL)."
             ) from None
         try:
             if self.broker_redis is not None and self.broker_redis is not self.backend_redis:
@@ -98,9 +98,9 @@ class TaskiqConnection:
             await asyncio.wait_for(self.broker.startup(), deadline)
         except Exception as exc:
             raise BrokerUnavailableError(
-                f"Could not reach the broker at {redact_url(self.settings.broker_url)} within "
-                f"{deadline:.0f} s ({type(exc).__name__}: {_short(exc)}). Start the broker or fix "
-                "'broker' (or DAGSTER_TASKIQ_BROKER_URL)."
+                f"Could not reach the broker at {redact_url(self.settings.broker_url)} "
+                f"({_why(exc, deadline)}). Start the broker or fix 'broker' (or "
+                "DAGSTER_TASKIQ_BROKER_URL)."
             ) from None
         self._started = True
 
@@ -288,6 +288,13 @@ class TaskiqConnection:
 
 def _what(step_key: str | None, run_id: str) -> str:
     return f"step '{step_key}' of run {run_id}" if step_key else f"run {run_id}"
+
+
+def _why(exc: BaseException, deadline: float) -> str:
+    """Why a connection attempt failed: no answer within the deadline, or the error it got."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"no answer within {deadline:.0f} s"
+    return f"{type(exc).__name__}: {_short(exc)}"
 
 
 def _short(exc: BaseException) -> str:

@@ -146,6 +146,18 @@ def test_unknown_scheme_is_a_config_error_without_the_password(url: str) -> None
     assert "redis://" in message and "amqp://" in message
 
 
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [("broker", "unix:///tmp/r.sock?db=0,"), ("backend", "redis://u:hunter2@h:6379/0?db=zero")],
+)
+def test_malformed_redis_url_is_a_config_error_without_the_password(field: str, url: str) -> None:
+    with pytest.raises(TaskiqConfigError) as info:
+        resolve_settings({field: url})
+    message = str(info.value)
+    assert f"The {field} URL" in message and "is malformed" in message and "'db'" in message
+    assert "hunter2" not in message
+
+
 def test_backend_must_be_redis() -> None:
     with pytest.raises(
         TaskiqConfigError, match=r"result backend must be Redis.*'amqp://u:\*\*\*@h"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) when they are not running.
+# Start Redis (127.0.0.1:6379), RabbitMQ (127.0.0.1:5672) and PostgreSQL (127.0.0.1:5432, trust
+# auth for the postgres user) when they are not running.
 # Installs them with apt when the binaries are missing; falls back to the embedded Redis.
 set -uo pipefail
 
@@ -48,6 +49,26 @@ else
     echo "ensure-services: RabbitMQ started"
   else
     echo "ensure-services: RabbitMQ could not be installed" >&2
+    exit 1
+  fi
+fi
+
+if port_open 5432; then
+  echo "ensure-services: PostgreSQL is up on 127.0.0.1:5432"
+else
+  command -v pg_lsclusters >/dev/null 2>&1 || apt_install postgresql
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    if [ -z "$(pg_lsclusters -h 2>/dev/null)" ]; then
+      version=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
+      [ -n "$version" ] && pg_createcluster "$version" main >/dev/null 2>&1 || true
+    fi
+    pg_lsclusters -h 2>/dev/null | while read -r version cluster _; do
+      pg_ctlcluster "$version" "$cluster" start || true
+    done
+    wait_port 5432 60 PostgreSQL || exit 1
+    echo "ensure-services: PostgreSQL started"
+  else
+    echo "ensure-services: PostgreSQL could not be installed" >&2
     exit 1
   fi
 fi

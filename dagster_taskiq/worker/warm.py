@@ -40,6 +40,10 @@ from dagster._serdes import serialize_value
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
 from dagster_taskiq.worker.logtail import use_thread_mirroring
+from dagster_taskiq.worker.storage_connections import (
+    pool_connections_in_task_process,
+    reuse_sqlite_engines,
+)
 
 logger = logging.getLogger("dagster_taskiq.worker")
 
@@ -226,7 +230,8 @@ class WarmCache:
 
     def after_fork(self) -> None:
         """In a child: leave the inherited heap to the parent, forget inherited database pool
-        connections (the parent keeps them), and mirror captured logs with a thread.
+        connections (the parent keeps them), keep one connection per storage for the task's
+        life, and mirror captured logs with a thread.
 
         ``gc.freeze()`` moves every inherited object out of the collector's reach (in constant
         time), so the child's collections do not write to, and so copy, the parent's pages.
@@ -235,6 +240,7 @@ class WarmCache:
         for instance in [*self._instances.values(), self._own_instance]:
             if instance is not None:
                 _dispose_engines(instance)
+                pool_connections_in_task_process(instance)
         use_thread_mirroring()
 
 
@@ -242,8 +248,9 @@ def _opened(instance: DagsterInstance) -> DagsterInstance:
     """``instance`` with its lazily built parts that every step uses built now (in the parent).
 
     The compute log manager is created (and its modules imported) on first use; without this,
-    every step's process would do it again.
+    every step's process would do it again. SQLite run databases get engines built once.
     """
+    reuse_sqlite_engines(instance)
     try:
         instance.compute_log_manager  # noqa: B018
     except Exception:

@@ -9,11 +9,11 @@ write:
   connection per storage instead, through Dagster's own
   :meth:`~dagster.DagsterInstance.optimize_for_webserver` (which the webserver uses for the same
   reason). No statement timeout is set.
-* **SQLite** storage (Dagster's default, one database file per run) builds a new SQLAlchemy
-  engine for every write, and with it SQLAlchemy's dialect initialization. Here the engine of a
-  run's database is built once, in the worker, and reused (still without a pool: each write
-  opens and closes its own SQLite connection, as before). Forked children inherit the built
-  engines; an engine without a pool holds no connection that a fork could share.
+* **SQLite** storage (Dagster's default: ``runs.db``, plus one event database per run) builds a
+  new SQLAlchemy engine for every query, and with it SQLAlchemy's dialect initialization. Here
+  the engine of each database is built once, in the worker, and reused (still without a pool:
+  each query opens and closes its own SQLite connection, as before). Forked children inherit
+  the built engines; an engine without a pool holds no connection that a fork could share.
 
 Both are used only inside workers. Anything unexpected in Dagster's internals leaves the storage
 as it is.
@@ -50,7 +50,40 @@ def pool_connections_in_task_process(instance: DagsterInstance) -> None:
 
 
 def reuse_sqlite_engines(instance: DagsterInstance) -> bool:
-    """In a worker: build each SQLite run database's engine once. True if now in effect."""
+    """In a worker: build the engines of SQLite storage once. True if now in effect."""
+    runs = _reuse_run_storage_engine(instance)
+    events = _reuse_event_log_engines(instance)
+    return runs or events
+
+
+def _reuse_run_storage_engine(instance: DagsterInstance) -> bool:
+    """``SqliteRunStorage.connect`` with its one database's engine built once."""
+    from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+
+    storage: Any = instance.run_storage
+    if not isinstance(storage, SqliteRunStorage) or getattr(storage, "_dtq_engine", None):
+        return False
+    conn_string = getattr(storage, "_conn_string", None)
+    if not isinstance(conn_string, str):
+        return False
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(conn_string, poolclass=NullPool)
+
+    @contextlib.contextmanager
+    def connect() -> Iterator[Any]:
+        with engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    patched: Any = storage
+    patched._dtq_engine = engine
+    patched.connect = connect
+    return True
+
+
+def _reuse_event_log_engines(instance: DagsterInstance) -> bool:
     storage = instance.event_log_storage
     if not isinstance(storage, SqliteEventLogStorage) or getattr(storage, "_dtq_engines", None):
         return False

@@ -21,6 +21,7 @@ from dagster_taskiq.config import (
     shared_config_schema,
 )
 from dagster_taskiq.connection import TaskiqClient
+from dagster_taskiq.sqlite_wal import hold_run_event_log_open
 from dagster_taskiq.step_handler import TaskiqStepHandler
 
 
@@ -52,6 +53,9 @@ class TaskiqExecutor(StepDelegatingExecutor):
     push to when a step task of this run finishes (its events are in the log by then), and reads
     the log only then, or at least every ``FULL_POLL_SECONDS``. A hop costs one wake-up instead of
     a poll interval, and an orchestrator waiting on long steps uses almost no CPU.
+
+    With SQLite storage, the run's event database is held open while the run is orchestrated
+    (see :mod:`dagster_taskiq.sqlite_wal`).
     """
 
     def __init__(self, step_handler: TaskiqStepHandler, **kwargs: Any) -> None:
@@ -81,7 +85,8 @@ class TaskiqExecutor(StepDelegatingExecutor):
         """Connect, run Dagster's orchestration loop, then close the connection."""
         self._taskiq_client.connect()
         try:
-            yield from super().execute(plan_context, execution_plan)
+            with hold_run_event_log_open(plan_context.instance, plan_context.run_id):
+                yield from super().execute(plan_context, execution_plan)
         finally:
             self._taskiq_client.close()
 

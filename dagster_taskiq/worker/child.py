@@ -143,6 +143,13 @@ class ChildProcess:
                 pass
 
 
+def _before_exit_quietly(before_exit: Callable[[], None]) -> None:
+    try:
+        before_exit()
+    except BaseException:
+        logging.getLogger("dagster_taskiq.worker").exception("task process clean-up failed")
+
+
 async def _run_quietly(callback: Callable[[], Awaitable[None]], pid: int) -> None:
     try:
         await callback()
@@ -151,12 +158,15 @@ async def _run_quietly(callback: Callable[[], Awaitable[None]], pid: int) -> Non
 
 
 def fork_child(
-    body: Callable[[Callable[[], None]], TaskOutcome], after_fork: Callable[[], None]
+    body: Callable[[Callable[[], None]], TaskOutcome],
+    after_fork: Callable[[], None],
+    before_exit: Callable[[], None] | None = None,
 ) -> ChildProcess:
     """Fork and run ``body`` in the child. Returns the parent's handle on the child.
 
     ``body`` gets a ``step_done()`` function to call once the task's outcome is recorded (in the
-    event log) but before the child's teardown; calling it again does nothing.
+    event log) but before the child's teardown; calling it again does nothing. In the child,
+    ``after_fork`` runs before ``body`` and ``before_exit`` (errors logged) after it.
     """
     parent_pid = os.getpid()
     read_fd, write_fd = os.pipe()
@@ -194,6 +204,8 @@ def fork_child(
             code = 1
         finally:
             try:
+                if before_exit is not None:
+                    _before_exit_quietly(before_exit)
                 sys.stdout.flush()
                 sys.stderr.flush()
             finally:

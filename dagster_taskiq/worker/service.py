@@ -12,8 +12,9 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from dagster._core.storage.dagster_run import DagsterRun
@@ -102,6 +103,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
         self._slots = asyncio.Semaphore(options.concurrency)
+        # Held while a thread reads the database (warm-up) and while forking: a child must not
+        # inherit a database connection that another thread of the parent has open.
+        self._fork_guard = threading.Lock()
         self._conn: TaskiqConnection | None = None
         self._last_orphan_scan = 0.0
 
@@ -330,8 +334,24 @@ class Worker:
                 lambda: conn.keystore.finish(task_id, "revoked", state=ks.REVOKED),
             )
             return False
-        self._start_child(record, payload, dagster_run)
+        async with self._holding_fork_guard():
+            self._start_child(record, payload, dagster_run)
         return True
+
+    @contextlib.asynccontextmanager
+    async def _holding_fork_guard(self) -> AsyncIterator[None]:
+        guard = self._fork_guard
+        if not guard.acquire(blocking=False):
+            acquiring = asyncio.ensure_future(asyncio.to_thread(guard.acquire))
+            try:
+                await asyncio.shield(acquiring)
+            except asyncio.CancelledError:
+                acquiring.add_done_callback(lambda _: guard.release())
+                raise
+        try:
+            yield
+        finally:
+            guard.release()
 
     def _decode(self, message: TaskiqMessage) -> StepTaskPayload | RunTaskPayload:
         if message.task_name not in KNOWN_TASK_NAMES:
@@ -363,6 +383,10 @@ class Worker:
 
         For a step, returns its run as stored now, for the child to use.
         """
+        with self._fork_guard:
+            return self._warm_up_unguarded(payload)
+
+    def _warm_up_unguarded(self, payload: StepTaskPayload | RunTaskPayload) -> DagsterRun | None:
         if isinstance(payload, StepTaskPayload):
             args = payload.execute_step_args
             return self.cache.warm_up(args.job_origin, args.instance_ref, args.run_id)
@@ -386,7 +410,7 @@ class Worker:
             def body(step_done: Callable[[], None]) -> TaskOutcome:
                 return run_whole_run(payload, name, self.cache)
 
-        child = fork_child(body, self.cache.after_fork)
+        child = fork_child(body, self.cache.after_fork, self.cache.before_exit)
         running = _Running(
             task_id=record.task_id,
             kind=record.kind,

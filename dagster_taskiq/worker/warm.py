@@ -41,6 +41,8 @@ from dagster._utils.hosted_user_process import recon_job_from_origin
 
 from dagster_taskiq.worker.logtail import use_thread_mirroring
 from dagster_taskiq.worker.storage_connections import (
+    close_sqlite_connections,
+    keep_sqlite_connections_open,
     pool_connections_in_task_process,
     reuse_sqlite_engines,
 )
@@ -230,18 +232,27 @@ class WarmCache:
 
     def after_fork(self) -> None:
         """In a child: leave the inherited heap to the parent, forget inherited database pool
-        connections (the parent keeps them), keep one connection per storage for the task's
-        life, and mirror captured logs with a thread.
+        connections (the parent keeps them), keep one connection per storage (and per SQLite
+        database) for the task's life, and mirror captured logs with a thread.
 
         ``gc.freeze()`` moves every inherited object out of the collector's reach (in constant
         time), so the child's collections do not write to, and so copy, the parent's pages.
         """
         gc.freeze()
-        for instance in [*self._instances.values(), self._own_instance]:
-            if instance is not None:
-                _dispose_engines(instance)
-                pool_connections_in_task_process(instance)
+        for instance in self._all_instances():
+            _dispose_engines(instance)
+            pool_connections_in_task_process(instance)
+            keep_sqlite_connections_open(instance)
         use_thread_mirroring()
+
+    def before_exit(self) -> None:
+        """In a child, once its task is done: close the database connections it kept open."""
+        for instance in self._all_instances():
+            close_sqlite_connections(instance)
+
+    def _all_instances(self) -> list[DagsterInstance]:
+        own = [self._own_instance] if self._own_instance is not None else []
+        return [*self._instances.values(), *own]
 
 
 def _opened(instance: DagsterInstance) -> DagsterInstance:

@@ -21,8 +21,8 @@ from dagster_taskiq.config import (
     shared_config_schema,
 )
 from dagster_taskiq.connection import TaskiqClient
-from dagster_taskiq.sqlite_wal import hold_run_event_log_open
 from dagster_taskiq.step_handler import TaskiqStepHandler
+from dagster_taskiq.storage_connections import sqlite_event_log_kept_open
 
 
 def executor_config_schema() -> dict[str, Field]:
@@ -54,8 +54,8 @@ class TaskiqExecutor(StepDelegatingExecutor):
     the log only then, or at least every ``FULL_POLL_SECONDS``. A hop costs one wake-up instead of
     a poll interval, and an orchestrator waiting on long steps uses almost no CPU.
 
-    With SQLite storage, the run's event database is held open while the run is orchestrated
-    (see :mod:`dagster_taskiq.sqlite_wal`).
+    With SQLite storage, the run's event database is used through one connection held open while
+    the run is orchestrated (see :mod:`dagster_taskiq.storage_connections`).
     """
 
     def __init__(self, step_handler: TaskiqStepHandler, **kwargs: Any) -> None:
@@ -85,7 +85,7 @@ class TaskiqExecutor(StepDelegatingExecutor):
         """Connect, run Dagster's orchestration loop, then close the connection."""
         self._taskiq_client.connect()
         try:
-            with hold_run_event_log_open(plan_context.instance, plan_context.run_id):
+            with sqlite_event_log_kept_open(plan_context.instance):
                 yield from super().execute(plan_context, execution_plan)
         finally:
             self._taskiq_client.close()

@@ -13,7 +13,7 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
 
 from dagster_taskiq.config import TaskiqSettings
-from dagster_taskiq.worker.storage_connections import pool_connections_in_task_process
+from dagster_taskiq.storage_connections import pool_connections_in_task_process
 from dagster_taskiq_tests import jobs
 from dagster_taskiq_tests.harness import WorkerPool, executor_config
 from dagster_taskiq_tests.services import require

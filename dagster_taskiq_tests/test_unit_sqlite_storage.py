@@ -1,8 +1,9 @@
 """How workers and orchestrators use Dagster's default SQLite storage (no network needed).
 
 A task process keeps one connection per event database for its life, even across a ``fork`` by
-user code; the orchestrating process holds the run's event database open, so that SQLite does
-not checkpoint and delete the WAL each time a writer closes its connection.
+user code; the orchestrating process keeps its connection to the run's event database open while
+it runs the run, so that SQLite does not checkpoint and delete the WAL each time a writer closes
+its connection. A worker checks a run database's schema with one query, not with alembic.
 """
 
 import os
@@ -14,11 +15,11 @@ import pytest
 from dagster import DagsterInstance
 from dagster._core.storage.dagster_run import DagsterRun
 
-from dagster_taskiq.sqlite_wal import hold_run_event_log_open
-from dagster_taskiq.worker.storage_connections import (
+from dagster_taskiq.storage_connections import (
     close_sqlite_connections,
     keep_sqlite_connections_open,
     reuse_sqlite_engines,
+    sqlite_event_log_kept_open,
 )
 from dagster_taskiq_tests import jobs
 
@@ -126,32 +127,67 @@ def test_fork_in_task_process_closes_kept_connections_first(
     ]
 
 
-def test_holding_the_run_database_open_keeps_its_wal(dagster_home: Path) -> None:
-    """Without a held connection, each writer's close checkpoints and deletes the WAL; while the
-    orchestrator holds the database open, the WAL stays and every event is still stored."""
+def test_orchestrator_keeps_the_event_database_open_for_the_run(dagster_home: Path) -> None:
+    """Without a kept connection, each writer's close checkpoints and deletes the WAL. While a run
+    is orchestrated its connection stays open, so the WAL stays; afterwards the storage is as
+    Dagster built it, and every event is stored."""
     with DagsterInstance.get() as instance:
         run = instance.create_run_for_job(jobs.single_op_job)
         instance.report_engine_event("created", run)
         wal = _wal_path(instance, run.run_id)
         assert not wal.exists()
+        storage: Any = instance.event_log_storage
 
-        with hold_run_event_log_open(instance, run.run_id) as held:
-            assert held
+        with sqlite_event_log_kept_open(instance) as kept:
+            assert kept
+            opened = _count_connects(instance, run.run_id)
             for n in range(5):
                 instance.report_engine_event(f"held {n}", run)
                 assert wal.exists()
-        assert not wal.exists()  # the held connection was the last: closing it checkpointed
+            assert len(instance.all_logs(run.run_id)) == 6
+            assert opened[0] == 1
+        assert not wal.exists()  # the kept connection was the last: closing it checkpointed
+        assert "_connect" not in vars(storage) and not hasattr(storage, "_dtq_engines")
         assert _messages(instance, run, "held") == [f"held {n}" for n in range(5)]
 
 
-def test_holding_open_does_nothing_without_a_sqlite_run_database(dagster_home: Path) -> None:
-    """No database for the run yet (never created here), or not SQLite storage: nothing held."""
-    with DagsterInstance.get() as instance:
-        storage: Any = instance.event_log_storage
-        with hold_run_event_log_open(instance, "no-such-run") as held:
-            assert not held
-        assert not os.path.exists(storage.path_for_shard("no-such-run"))
+def test_keeping_open_does_nothing_for_other_or_already_kept_storage(dagster_home: Path) -> None:
+    """Not SQLite storage, or a worker's storage that keeps its connections already: no change."""
     with DagsterInstance.ephemeral() as ephemeral:
-        run = ephemeral.create_run_for_job(jobs.single_op_job)
-        with hold_run_event_log_open(ephemeral, run.run_id) as held:
-            assert not held
+        with sqlite_event_log_kept_open(ephemeral) as kept:
+            assert not kept
+    with DagsterInstance.get() as instance:
+        assert reuse_sqlite_engines(instance)
+        storage: Any = instance.event_log_storage
+        engines = storage._dtq_engines
+        with sqlite_event_log_kept_open(instance) as kept:
+            assert not kept
+        assert storage._dtq_engines is engines
+
+
+def test_worker_checks_a_run_database_schema_with_one_query(
+    sqlite_instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run database that Dagster already created and stamped is not checked with alembic
+    again; a new one is created by Dagster's own schema set-up."""
+    instance = sqlite_instance
+    storage: Any = instance.event_log_storage
+    initialized: list[str] = []
+    original_initdb = storage._initdb
+
+    def counting_initdb(engine: Any, *args: Any, **kwargs: Any) -> None:
+        initialized.append(str(engine.url))
+        original_initdb(engine, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "_initdb", counting_initdb)
+    with DagsterInstance.get() as orchestrator:  # another process's view: Dagster's own code
+        run = orchestrator.create_run_for_job(jobs.single_op_job)
+        orchestrator.report_engine_event("created by the orchestrator", run)
+    instance.report_engine_event("written by the worker", run)
+    assert initialized == []
+
+    fresh = instance.create_run_for_job(jobs.single_op_job)
+    instance.report_engine_event("first event of a new run", fresh)
+    assert len(initialized) == 1 and fresh.run_id in initialized[0]
+    assert len(instance.all_logs(run.run_id)) == 2
+    assert len(instance.all_logs(fresh.run_id)) == 1

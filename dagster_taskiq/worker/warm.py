@@ -39,13 +39,13 @@ from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._serdes import serialize_value
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
-from dagster_taskiq.worker.logtail import use_thread_mirroring
-from dagster_taskiq.worker.storage_connections import (
+from dagster_taskiq.storage_connections import (
     close_sqlite_connections,
     keep_sqlite_connections_open,
     pool_connections_in_task_process,
     reuse_sqlite_engines,
 )
+from dagster_taskiq.worker.logtail import use_thread_mirroring
 
 logger = logging.getLogger("dagster_taskiq.worker")
 

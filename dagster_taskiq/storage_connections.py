@@ -1,4 +1,4 @@
-"""Cheaper database connections for the storage of a task process.
+"""Cheaper database connections for task processes and for the orchestrating process.
 
 A step's process writes a dozen events or more to the event log. Dagster's storages are built
 for long-lived processes that must not hold connections open, so they connect afresh for every
@@ -9,18 +9,23 @@ write:
   connection per storage instead, through Dagster's own
   :meth:`~dagster.DagsterInstance.optimize_for_webserver` (which the webserver uses for the same
   reason). No statement timeout is set.
-* **SQLite** storage (Dagster's default: ``runs.db``, plus one event database per run) builds a
-  new SQLAlchemy engine for every query, and with it SQLAlchemy's dialect initialization. Here
-  the engine of each database is built once, in the worker, and reused (still without a pool:
-  each query opens and closes its own SQLite connection, as before). Forked children inherit
-  the built engines; an engine without a pool holds no connection that a fork could share.
-  A task process goes one step further and keeps one connection per database open for its whole
-  life. Besides the connect/close per event, that spares SQLite's work at each close: the last
-  connection to a WAL database to close checkpoints it and deletes its WAL file, which the next
-  event's connection then creates again.
+* **SQLite** storage (Dagster's default: ``runs.db``, plus one event database per run, in WAL
+  mode) builds a new SQLAlchemy engine for every query, and with it SQLAlchemy's dialect
+  initialization, and checks each run database's schema with alembic (loading its migration
+  scripts) the first time a process touches it. Here the engine of each database is built once
+  per worker and the schema check is one query. Forked children inherit the built engines; an
+  engine without a pool holds no connection that a fork could share.
 
-Both are used only inside workers. Anything unexpected in Dagster's internals leaves the storage
-as it is.
+  Task processes, and the orchestrating process while it runs a ``taskiq_executor`` run, go one
+  step further and keep one connection per event database open. Besides the connect/close per
+  event, that spares SQLite's work at each close: the last connection to a WAL database to
+  close checkpoints it and deletes its WAL file, which the next event's connection then creates
+  again. With a connection held open, SQLite checkpoints as the WAL grows instead.
+
+A connection must never be carried across ``fork``: before any fork of a process that keeps
+connections (user code may fork), they are closed, with the storage's lock held so that no query
+is in flight, and the forked process connects per query. Anything unexpected in Dagster's
+internals leaves the storage as it is.
 """
 
 import collections
@@ -28,13 +33,14 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagster import DagsterInstance
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
-logger = logging.getLogger("dagster_taskiq.worker")
+logger = logging.getLogger("dagster_taskiq")
 
 #: Engines of run databases a worker keeps (one per recent run shard).
 MAX_SQLITE_ENGINES = 16
@@ -104,17 +110,45 @@ def _reuse_run_storage_engine(instance: DagsterInstance) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def sqlite_event_log_kept_open(instance: DagsterInstance) -> Iterator[bool]:
+    """For the duration: the instance's SQLite event databases are each used through one
+    connection kept open (engines built once); afterwards the storage is as it was.
+
+    For the orchestrating process of a run. Yields whether it took effect (False for other
+    storages, or when the storage already works this way, as in a worker's run process).
+    """
+    engines = _patch_event_log_storage(instance)
+    if engines is None:
+        yield False
+        return
+    engines.keep_connections_open()
+    try:
+        yield True
+    finally:
+        engines.close_kept_connections()
+        storage: Any = instance.event_log_storage
+        for name in ("_connect", "_dtq_engines"):
+            with contextlib.suppress(AttributeError):
+                delattr(storage, name)
+        engines.dispose()
+
+
 def _reuse_event_log_engines(instance: DagsterInstance) -> bool:
+    return _patch_event_log_storage(instance) is not None
+
+
+def _patch_event_log_storage(instance: DagsterInstance) -> "_EngineCache | None":
     storage = instance.event_log_storage
     if not isinstance(storage, SqliteEventLogStorage) or getattr(storage, "_dtq_engines", None):
-        return False
+        return None
     needed = ("_db_lock", "_initialized_dbs", "_initdb", "conn_string_for_shard")
     if not all(hasattr(storage, name) for name in needed):
-        return False
+        return None
     engines = _EngineCache(storage)
     storage._dtq_engines = engines  # type: ignore[attr-defined]
     storage._connect = engines.connect  # type: ignore[method-assign]
-    return True
+    return engines
 
 
 class _EngineCache:
@@ -141,10 +175,12 @@ class _EngineCache:
         self._kept = {}
         if not self._fork_hooks_registered:
             self._fork_hooks_registered = True
+            # Hooks cannot be unregistered: they hold this cache weakly.
+            ref = weakref.ref(self)
             os.register_at_fork(
-                before=self._before_fork,
-                after_in_parent=self._release_after_fork,
-                after_in_child=self._after_fork_in_child,
+                before=_weak_hook(ref, _EngineCache._before_fork),
+                after_in_parent=_weak_hook(ref, _EngineCache._release_after_fork),
+                after_in_child=_weak_hook(ref, _EngineCache._after_fork_in_child),
             )
 
     def _before_fork(self) -> None:
@@ -171,6 +207,14 @@ class _EngineCache:
         for conn in (kept or {}).values():
             with contextlib.suppress(Exception):
                 conn.close()
+
+    def dispose(self) -> None:
+        """Drop the built engines (their connections are closed already)."""
+        with self._lock:
+            engines = list(self._engines.values())
+            self._engines.clear()
+        for engine in engines:
+            engine.dispose()
 
     def _engine(self, shard: str) -> Any:
         import sqlalchemy
@@ -202,7 +246,8 @@ class _EngineCache:
         with storage._db_lock:
             engine = self._engine(shard)
             if shard not in storage._initialized_dbs:
-                storage._initdb(engine)
+                if not _is_stamped(engine):
+                    storage._initdb(engine)
                 storage._initialized_dbs.add(shard)
             if self._kept is None:
                 with engine.connect() as conn:
@@ -215,6 +260,31 @@ class _EngineCache:
                 self._kept[shard] = conn
             with conn.begin():
                 yield conn
+
+
+def _weak_hook(
+    ref: "weakref.ReferenceType[_EngineCache]", method: Callable[["_EngineCache"], None]
+) -> Callable[[], None]:
+    def hook() -> None:
+        engines = ref()
+        if engines is not None:
+            method(engines)
+
+    return hook
+
+
+def _is_stamped(engine: Any) -> bool:
+    """Whether the database already has a schema revision, the one case in which Dagster's
+    ``_initdb`` does nothing. Checked with one query instead of loading alembic's migration
+    scripts (tens of milliseconds), which ``_initdb`` does for every new run in every worker."""
+    import sqlalchemy
+
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).first()
+    except sqlalchemy.exc.DBAPIError:
+        return False
+    return row is not None and bool(row[0])
 
 
 def _busy_timeout() -> float:

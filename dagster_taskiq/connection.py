@@ -48,6 +48,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 #: Default of ``config_source.reconnect_timeout``: how long a submit keeps retrying while the
 #: broker or the backend is unreachable before the step (or run) fails.
 DEFAULT_RECONNECT_TIMEOUT = 60.0
+#: Extra seconds the broker's start-up gets beyond ``connect_timeout``, so that the broker's own
+#: connect timeout fires first and it stops retrying in the background.
+_STARTUP_GRACE = 1.0
 
 
 class TaskiqConnection:
@@ -95,14 +98,23 @@ class TaskiqConnection:
         try:
             if self.broker_redis is not None and self.broker_redis is not self.backend_redis:
                 await asyncio.wait_for(self.broker_redis.ping(), deadline)
-            await asyncio.wait_for(self.broker.startup(), deadline)
+            # The broker times its own connection attempts out at ``deadline`` (see
+            # make_broker); the grace lets it do so, and so stop retrying, before this gives up.
+            await asyncio.wait_for(self.broker.startup(), deadline + _STARTUP_GRACE)
         except Exception as exc:
+            await self._abandon_startup()
             raise BrokerUnavailableError(
                 f"Could not reach the broker at {redact_url(self.settings.broker_url)} "
                 f"({_why(exc, deadline)}). Start the broker or fix 'broker' (or "
                 "DAGSTER_TASKIQ_BROKER_URL)."
             ) from None
         self._started = True
+
+    async def _abandon_startup(self) -> None:
+        """Close what a failed broker start-up opened (say, the first of two connections)."""
+        abandon = getattr(self.broker, "abandon_startup", None)
+        if abandon is not None:
+            await abandon()
 
     async def close(self) -> None:
         """Close the broker and Redis connections."""

@@ -4,6 +4,7 @@ Each error must say what is wrong and what to fix, name what it is about, leak n
 arrive quickly (an unreachable broker within 10 s, never a hang).
 """
 
+import asyncio
 import socket
 import threading
 import time
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
 
+from dagster_taskiq.config import TaskiqSettings
+from dagster_taskiq.connection import TaskiqClient
 from dagster_taskiq.errors import BrokerUnavailableError, TaskiqConfigError
 from dagster_taskiq_tests import jobs
 from dagster_taskiq_tests.harness import executor_config, isolated_settings
@@ -200,3 +203,26 @@ def test_silent_broker_times_out_instead_of_hanging(
     elapsed = time.monotonic() - started
     assert elapsed < 1.5 + 3.0, f"took {elapsed:.1f} s"
     assert f"127.0.0.1:{silent_port}" in str(info.value)
+
+
+def test_failed_rabbitmq_connect_leaves_nothing_retrying(redis_url: str, silent_port: int) -> None:
+    """A long-lived client (the webserver's run launcher) that could not connect keeps nothing
+    reconnecting in the background, however often it tries."""
+    settings = TaskiqSettings(
+        broker_url=f"amqp://guest:guest@127.0.0.1:{silent_port}/",
+        backend_url=redis_url,
+        config_source={"connect_timeout": 1.0},
+    )
+    client = TaskiqClient(settings)
+
+    async def pending_tasks() -> list[str]:
+        current = asyncio.current_task()
+        return [repr(task.get_coro()) for task in asyncio.all_tasks() if task is not current]
+
+    try:
+        for _ in range(2):
+            with pytest.raises(BrokerUnavailableError, match="no answer within 1 s"):
+                client.connect()
+        assert client.wait(pending_tasks()) == []
+    finally:
+        client.close()

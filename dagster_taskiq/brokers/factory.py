@@ -113,6 +113,9 @@ def make_broker(
         passthrough = {
             k: v for k, v in settings.passthrough_options.items() if k not in _REDIS_OPTION_NAMES
         }
+        # aio-pika must give up on its own: a robust connection whose first attempt is cancelled
+        # from outside keeps reconnecting in the background for as long as the loop runs.
+        passthrough.setdefault("timeout", settings.connect_timeout)
         broker = RoutedAioPikaBroker(
             settings.broker_url,
             default_queue=settings.default_queue,

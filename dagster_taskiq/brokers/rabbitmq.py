@@ -115,6 +115,24 @@ class RoutedAioPikaBroker(AioPikaBroker):
         self._declared.add(name)
         return queue
 
+    async def abandon_startup(self) -> None:
+        """Close the connections a failed :meth:`startup` opened, so none reconnects forever.
+
+        A robust connection that got through its first attempt keeps reconnecting in the
+        background until it is closed, even though the start-up that opened it failed.
+        """
+        for channel in (self.write_channel, self.read_channel):
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), _CANCEL_TIMEOUT)
+        for connection in (self.write_conn, self.read_conn):
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(connection.close(), _CANCEL_TIMEOUT)
+        self.write_channel = self.read_channel = None
+        self.write_conn = self.read_conn = None
+        self._declared.clear()
+
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         """Yield one message per pull; between pulls this worker holds no message.
 

@@ -102,6 +102,18 @@ def ranked_job(queue: str, priorities: Mapping[str, int]) -> JobDefinition:
     return _job
 
 
+def held_back_job(queue: str, priorities: Mapping[str, int]) -> JobDefinition:
+    """Independent probes that carry Dagster's ``dagster/priority`` as well as ours."""
+
+    @job(executor_def=taskiq_executor, name="held_back_job")
+    def _job() -> None:
+        for name, priority in priorities.items():
+            tags = {**_tags(queue, priority), "dagster/priority": str(priority)}
+            probe.alias(name).tag(tags)()
+
+    return _job
+
+
 @op
 def hold(context: OpExecutionContext) -> None:
     """Run until killed, ignoring SIGTERM like a step stuck in C code (records start and pid)."""

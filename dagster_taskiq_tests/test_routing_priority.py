@@ -129,6 +129,28 @@ def test_higher_run_priority_wins(
     assert ran == [(high_run.run_id, n) for n in by_rank] + [(low_run.run_id, n) for n in by_rank]
 
 
+def test_steps_held_back_by_max_concurrent_follow_dagster_priority(
+    instance: DagsterInstance,
+    settings: TaskiqSettings,
+    workers: WorkerPool,
+    order_log: Path,
+) -> None:
+    """What the README says: steps that ``max_concurrent`` holds in the orchestrator are released
+    by Dagster's ``dagster/priority`` tag, so an op tagged with both runs in priority order."""
+    queue = f"{settings.default_queue}.held"
+    ranks = {"h_1": 2, "h_2": 9, "h_3": 5, "h_4": 7}
+    workers.start(queues=[queue], concurrency=1)
+    summary = run_job(
+        recon("held_back_job", queue=queue, priorities=ranks),
+        instance,
+        settings,
+        {"max_concurrent": 1},
+    )
+    assert summary.success
+    ran = [what for _, _, _, what in read_notes(order_log)]
+    assert ran == sorted(ranks, key=lambda n: -ranks[n])
+
+
 def _max_overlap(order_log: Path, prefix: str) -> int:
     """Most steps named ``prefix*`` running at once, from their recorded start/end times."""
     edges = []

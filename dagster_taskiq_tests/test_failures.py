@@ -18,6 +18,7 @@ from dagster import DagsterEventType, DagsterInstance, reconstructable
 
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq.connection import TaskiqConnection
+from dagster_taskiq.keystore import WorkerInfo
 from dagster_taskiq_tests import jobs, scenario_jobs
 from dagster_taskiq_tests.harness import (
     REPO_ROOT,
@@ -225,13 +226,25 @@ def test_task_claimed_by_a_dead_worker_runs_on_another(
         conn = TaskiqConnection(settings, listen_queues=[settings.default_queue], consumer=ghost)
         try:
             await conn.start()
+            # Alive, as a real worker is when it claims: no health check may release the task yet.
+            now = time.time()
+            info = WorkerInfo(ghost, "ghost-host", 1, (settings.default_queue,), 1, (), now, now)
+            await conn.keystore.heartbeat(info, 600.0, {})
             return await _take_and_claim(conn)
+        finally:
+            await conn.close()
+
+    async def _ghost_dies() -> None:
+        conn = TaskiqConnection(settings)
+        try:
+            await conn.keystore.remove_worker(ghost)  # as when its liveness record expires
         finally:
             await conn.close()
 
     task_id = asyncio.run(_as_ghost())
     record = task_records(settings, run.run_id)["emit_one"]
     assert (record.task_id, record.state, record.worker) == (task_id, "claimed", ghost)
+    asyncio.run(_ghost_dies())
 
     worker = workers.start()
     summary = future.result(timeout=60)

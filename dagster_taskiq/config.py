@@ -175,7 +175,8 @@ def shared_config_schema() -> dict[str, Field]:
             default_value=None,
             description=(
                 f"Redis URL for results and the heartbeat key store. Defaults to {BACKEND_ENV}, "
-                "then the run launcher's backend, then the broker URL when it is Redis."
+                "then the run launcher's backend (while the broker is the launcher's), then the "
+                "broker URL when it is Redis."
             ),
         ),
         "default_queue": Field(

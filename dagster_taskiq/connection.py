@@ -102,19 +102,12 @@ class TaskiqConnection:
             # make_broker); the grace lets it do so, and so stop retrying, before this gives up.
             await asyncio.wait_for(self.broker.startup(), deadline + _STARTUP_GRACE)
         except Exception as exc:
-            await self._abandon_startup()
             raise BrokerUnavailableError(
                 f"Could not reach the broker at {redact_url(self.settings.broker_url)} "
                 f"({_why(exc, deadline)}). Start the broker or fix 'broker' (or "
                 "DAGSTER_TASKIQ_BROKER_URL)."
             ) from None
         self._started = True
-
-    async def _abandon_startup(self) -> None:
-        """Close what a failed broker start-up opened (say, the first of two connections)."""
-        abandon = getattr(self.broker, "abandon_startup", None)
-        if abandon is not None:
-            await abandon()
 
     async def close(self) -> None:
         """Close the broker and Redis connections."""

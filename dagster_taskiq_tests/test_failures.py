@@ -228,7 +228,16 @@ def test_task_claimed_by_a_dead_worker_runs_on_another(
             await conn.start()
             # Alive, as a real worker is when it claims: no health check may release the task yet.
             now = time.time()
-            info = WorkerInfo(ghost, "ghost-host", 1, (settings.default_queue,), 1, (), now, now)
+            info = WorkerInfo(
+                name=ghost,
+                host="ghost-host",
+                pid=1,
+                queues=(settings.default_queue,),
+                concurrency=1,
+                running=(),
+                started_at=now,
+                last_heartbeat=now,
+            )
             await conn.keystore.heartbeat(info, 600.0, {})
             return await _take_and_claim(conn)
         finally:

@@ -115,7 +115,15 @@ class RoutedAioPikaBroker(AioPikaBroker):
         self._declared.add(name)
         return queue
 
-    async def abandon_startup(self) -> None:
+    async def startup(self) -> None:
+        """Connect and declare; if that fails (or is cancelled), close what it opened."""
+        try:
+            await super().startup()
+        except BaseException:
+            await self._abandon_startup()
+            raise
+
+    async def _abandon_startup(self) -> None:
         """Close the connections a failed :meth:`startup` opened, so none reconnects forever.
 
         A robust connection that got through its first attempt keeps reconnecting in the

@@ -37,6 +37,7 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "pytest-xdist>=3.5",
+            "hypothesis>=6",
             "dagster-webserver>=1.13,<1.14",
             "dagster-graphql>=1.13,<1.14",
             "dagster-postgres>=0.29,<0.30",

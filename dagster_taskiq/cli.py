@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from dagster_taskiq.errors import DagsterTaskiqError, UnknownWorkerError
 from dagster_taskiq.local.demo import demo
 from dagster_taskiq.local.dev import dev
 from dagster_taskiq.version import __version__
+from dagster_taskiq.worker.options import worker_name_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -97,9 +97,7 @@ def load_settings(
     config_yaml: str | None, broker: str | None, backend: str | None
 ) -> TaskiqSettings:
     """Settings from a ``--config-yaml`` file (executor config shape) plus URL overrides."""
-    from dagster._config import process_config
-    from dagster._config.field import Field
-
+    from dagster_taskiq.compat import Field, process_config
     from dagster_taskiq.executor import executor_config_schema
 
     raw = read_config_file(config_yaml) if config_yaml else {}
@@ -159,11 +157,14 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def with_connection(
-    settings: TaskiqSettings, factory: Callable[[Any], Awaitable[T]], *, connect_only: bool = False
+    settings: TaskiqSettings,
+    factory: Callable[[Any], Awaitable[T]],
+    *,
+    connect_only: bool = False,
+    operation_timeout: float = OPERATION_DEADLINE,
 ) -> T:
-    """Connect (within :data:`CONNECT_DEADLINE`), run ``factory(connection)``, then close.
-
-    Each one-shot command runs one event loop, once.
+    """Connect (within :data:`CONNECT_DEADLINE`), run ``factory(connection)`` (within
+    ``operation_timeout``), then close. Each one-shot command runs one event loop, once.
     """
     from dagster_taskiq.connection import TaskiqConnection
     from dagster_taskiq.errors import BrokerUnavailableError
@@ -181,7 +182,7 @@ def with_connection(
                     f"backend ({redact_url(settings.backend_url)}) within {deadline:g} s. Start "
                     "them, or fix --broker/--backend or the -y config file."
                 ) from None
-            return await asyncio.wait_for(factory(conn), OPERATION_DEADLINE)
+            return await asyncio.wait_for(factory(conn), operation_timeout)
         finally:
             try:
                 await asyncio.wait_for(conn.close(), 2.0)
@@ -299,6 +300,7 @@ def worker_start(
     logfile: str | None,
 ) -> None:
     """Start a worker serving the given queues."""
+    from dagster_taskiq.lifecycle.keys import validate_worker_name
     from dagster_taskiq.worker.service import (
         WorkerOptions,
         default_worker_name,
@@ -308,7 +310,19 @@ def worker_start(
 
     settings = load_settings(config_yaml, broker, backend)
     queue_names = parse_queues(queues, settings.default_queue)
-    with_connection(settings, _noop)  # fail fast, with one line, if the broker is unreachable
+    if name:
+        validate_worker_name(name)
+
+    async def _name_free(conn: Any) -> None:
+        if name and await conn.keystore.worker_alive(name):
+            raise UserError(
+                f"A live worker named '{name}' already exists ({settings.describe()}). Pick "
+                f"another name with -n, or stop it first (dagster-taskiq worker terminate {name})."
+            )
+
+    # Fail fast, with one line, if the broker is unreachable or the name is taken. (The worker
+    # claims its name atomically when it registers; this only gives the common case a quick no.)
+    with_connection(settings, _name_free)
     if background:
         args = [
             "-c",
@@ -351,10 +365,6 @@ def worker_start(
     sys.exit(run_worker(settings, options))
 
 
-async def _noop(_: Any) -> None:
-    return None
-
-
 def _start_in_background(
     settings: TaskiqSettings, args: list[str], name: str | None, logfile: str | None
 ) -> None:
@@ -372,7 +382,7 @@ def _start_in_background(
             stderr=log,
             start_new_session=True,
         )
-    worker_name = name or f"{socket.gethostname()}-{process.pid}"
+    worker_name = name or worker_name_for(process.pid)
 
     async def _registered(conn: Any) -> bool:
         deadline = time.monotonic() + BACKGROUND_START_TIMEOUT
@@ -384,7 +394,8 @@ def _start_in_background(
             await asyncio.sleep(0.1)
         return False
 
-    if not with_connection(settings, _registered):
+    # The readiness wait runs its full BACKGROUND_START_TIMEOUT (plus a margin to give up).
+    if not with_connection(settings, _registered, operation_timeout=BACKGROUND_START_TIMEOUT + 5.0):
         code = process.poll()
         state = f"exited with code {code}" if code is not None else "did not register in time"
         raise UserError(
@@ -510,7 +521,7 @@ async def collect_status(conn: Any) -> dict[str, Any]:
     ``waiting``/``by_priority`` count the tasks the key store holds as queued (revoked ones are
     left out); ``in_broker`` is the raw number of messages the broker holds for the queue.
     """
-    from dagster_taskiq import keystore as ks
+    from dagster_taskiq.lifecycle.states import TaskState
 
     workers = await conn.keystore.list_workers()
     records = await conn.keystore.get_many(await conn.keystore.inflight_ids())
@@ -521,7 +532,7 @@ async def collect_status(conn: Any) -> dict[str, Any]:
     for queue in sorted(names):
         by_priority: dict[int, int] = {}
         for record in records:
-            if record.queue == queue and record.state == ks.QUEUED:
+            if record.queue == queue and record.state == TaskState.QUEUED:
                 by_priority[record.priority] = by_priority.get(record.priority, 0) + 1
         queues.append(
             {

@@ -18,6 +18,7 @@ from dagster_taskiq.tags import validate_queue_name
 
 BROKER_ENV = "DAGSTER_TASKIQ_BROKER_URL"
 BACKEND_ENV = "DAGSTER_TASKIQ_BACKEND_URL"
+SIGNING_KEY_ENV = "DAGSTER_TASKIQ_SIGNING_KEY"
 DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "dagster"
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
@@ -105,6 +106,8 @@ class TaskiqSettings:
     default_queue: str = DEFAULT_QUEUE
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     config_source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: HMAC-SHA256 key that signs every message (None: messages are not signed). Never shown.
+    signing_key: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         broker_kind(self.broker_url)
@@ -192,6 +195,16 @@ def shared_config_schema() -> dict[str, Field]:
             description="Seconds a claimed or running task may go without a heartbeat before it "
             "is declared lost.",
         ),
+        "signing_key": Field(
+            Noneable(StringSource),
+            is_required=False,
+            default_value=None,
+            description=(
+                "HMAC-SHA256 key: the orchestrator signs every message with it, and workers "
+                f"refuse unsigned or wrongly signed messages. Defaults to {SIGNING_KEY_ENV}. "
+                "Use {env: VAR}: the key must not be written in the config."
+            ),
+        ),
         "config_source": Field(
             Permissive(),
             is_required=False,
@@ -248,12 +261,16 @@ def resolve_settings(
     if fallback is not None and not source:
         source = dict(fallback.config_source)
     heartbeat = config.get("heartbeat_timeout")
+    signing_key = config.get("signing_key") or os.environ.get(SIGNING_KEY_ENV)
+    if not signing_key and fallback is not None:
+        signing_key = fallback.signing_key
     return TaskiqSettings(
         broker_url=broker,
         backend_url=check_backend_url(backend),
         default_queue=str(config.get("default_queue") or DEFAULT_QUEUE),
         heartbeat_timeout=float(heartbeat if heartbeat is not None else DEFAULT_HEARTBEAT_TIMEOUT),
         config_source=source,
+        signing_key=signing_key or None,
     )
 
 

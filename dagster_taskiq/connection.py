@@ -13,37 +13,25 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AsyncBroker, BrokerMessage, TaskiqMessage, TaskiqResult
 
-from dagster_taskiq import keystore as ks
 from dagster_taskiq.bridge import AsyncBridge
 from dagster_taskiq.brokers.factory import PRIORITY_LABEL, QUEUE_LABEL, make_broker, make_redis
 from dagster_taskiq.config import TaskiqSettings, redact_url
 from dagster_taskiq.errors import BadMessageError, BrokerUnavailableError, TaskSubmissionError
+from dagster_taskiq.lifecycle.health import outcome_of
+from dagster_taskiq.lifecycle.keys import KeySpace
+from dagster_taskiq.lifecycle.records import TaskRecord
+from dagster_taskiq.lifecycle.retry import TRANSIENT_ERRORS, retrying, short_error
+from dagster_taskiq.lifecycle.states import Outcome, TaskKind
+from dagster_taskiq.lifecycle.store import TaskStore
 from dagster_taskiq.payloads import TaskOutcome, decode_outcome, encode
+from dagster_taskiq.signing import SIGNATURE_LABEL, sign
 
 logger = logging.getLogger("dagster_taskiq")
 T = TypeVar("T")
 
-try:  # RabbitMQ support is an extra
-    from aiormq.exceptions import ChannelInvalidStateError as _AmqpChannelGone
-
-    _AMQP_TRANSIENT: tuple[type[BaseException], ...] = (_AmqpChannelGone,)
-except ImportError:  # pragma: no cover - without the rabbitmq extra
-    _AMQP_TRANSIENT = ()
-
-#: Errors that mean "the broker or the backend cannot be reached right now": worth retrying
-#: with backoff, as opposed to errors in what we send, which fail at once.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    ConnectionError,  # includes aiormq's AMQPConnectionError and ConnectionClosed
-    OSError,
-    TimeoutError,
-    RedisConnectionError,
-    RedisTimeoutError,
-    *_AMQP_TRANSIENT,
-)
+__all__ = ["TRANSIENT_ERRORS", "TaskiqClient", "TaskiqConnection", "seconds_ago"]
 
 #: Default of ``config_source.reconnect_timeout``: how long a submit keeps retrying while the
 #: broker or the backend is unreachable before the step (or run) fails.
@@ -79,7 +67,9 @@ class TaskiqConnection:
             settings, broker_redis=broker_redis, listen_queues=listen_queues, consumer=consumer
         )
         self.broker.is_worker_process = bool(listen_queues)
-        self.keystore = ks.KeyStore(self.backend_redis, settings.key_prefix, settings.result_ttl)
+        self.keys = KeySpace(settings.key_prefix)
+        #: The task lifecycle store (records, leases, workers) in the backend Redis.
+        self.keystore = TaskStore(self.backend_redis, self.keys, settings.result_ttl)
         self._started = False
 
     async def start(self) -> None:
@@ -129,12 +119,15 @@ class TaskiqConnection:
         self, *, task_id: str, task_name: str, payload: str, queue: str, priority: int
     ) -> BrokerMessage:
         """The taskiq broker message for one task: one serdes JSON argument, routing labels."""
+        labels: dict[str, Any] = {
+            QUEUE_LABEL: queue,
+            PRIORITY_LABEL: priority,
+            "ack_type": "when_received",
+        }
+        if self.settings.signing_key:
+            labels[SIGNATURE_LABEL] = sign(self.settings.signing_key, task_id, task_name, payload)
         message = TaskiqMessage(
-            task_id=task_id,
-            task_name=task_name,
-            labels={QUEUE_LABEL: queue, PRIORITY_LABEL: priority, "ack_type": "when_received"},
-            args=[payload],
-            kwargs={},
+            task_id=task_id, task_name=task_name, labels=labels, args=[payload], kwargs={}
         )
         return self.broker.formatter.dumps(message)
 
@@ -144,14 +137,18 @@ class TaskiqConnection:
         task_id: str,
         task_name: str,
         payload: str,
-        kind: str,
+        kind: TaskKind | str,
         run_id: str,
         step_key: str | None,
         queue: str,
         priority: int,
         heartbeat_timeout: float,
     ) -> None:
-        """Record the task as queued in the key store, then send it to the broker."""
+        """Register the task (queued, unsent), send it, then mark it sent.
+
+        A crash or a failed send between the steps leaves the task registered and unsent: any
+        worker's sweep sends it within ``heartbeat_timeout``.
+        """
         await self.start()
         message = self.build_message(
             task_id=task_id, task_name=task_name, payload=payload, queue=queue, priority=priority
@@ -180,6 +177,9 @@ class TaskiqConnection:
         )
         # A retried kick may deliver the message twice; the claim lets only one copy run.
         await self.retrying(what, lambda: self.broker.kick(message))
+        await self.retrying(
+            what, lambda: self.keystore.mark_sent(task_id, heartbeat_timeout, fence=0)
+        )
 
     @property
     def reconnect_timeout(self) -> float:
@@ -187,97 +187,61 @@ class TaskiqConnection:
         return float(self.settings.option("reconnect_timeout", DEFAULT_RECONNECT_TIMEOUT))
 
     async def retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run ``operation``, retrying with exponential backoff (0.2 s doubling to 5 s) while the
-        broker or backend is unreachable, for up to ``reconnect_timeout`` seconds. Each failed
-        attempt logs one warning; giving up raises :class:`BrokerUnavailableError`."""
-        deadline = time.monotonic() + self.reconnect_timeout
-        delay, attempts = 0.2, 0
-        while True:
-            try:
-                result = await operation()
-            except TRANSIENT_ERRORS as exc:
-                attempts += 1
-                if time.monotonic() + delay > deadline:
-                    raise BrokerUnavailableError(
-                        f"Gave up {what} after {attempts} attempt(s) in "
-                        f"{self.reconnect_timeout:.0f} s: the broker or backend "
-                        f"({self.settings.describe()}) stayed unreachable "
-                        f"({type(exc).__name__}: {_short(exc)}). Raise "
-                        "config_source.reconnect_timeout to ride out longer outages."
-                    ) from None
-                logger.warning(
-                    "Broker or backend unreachable while %s (%s: %s); retrying in %.1f s.",
-                    what,
-                    type(exc).__name__,
-                    _short(exc),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if attempts:
-                logger.warning("Reconnected: done %s after %d retry(ies).", what, attempts)
-            return result
+        """Run ``operation`` under the retry policy for up to ``reconnect_timeout`` seconds."""
+        return await retrying(
+            what,
+            operation,
+            timeout=self.reconnect_timeout,
+            advice=f" Broker and backend: {self.settings.describe()}. Raise "
+            "config_source.reconnect_timeout to ride out longer outages.",
+        )
 
-    async def resend(self, record: ks.TaskRecord, raw_message: bytes) -> None:
-        """Send a recorded message again (a task released from a dead worker's claim)."""
+    # -- recovery (lifecycle.recovery.MessageSender) -----------------------------------------
+    async def send_registered(self, record: TaskRecord, message: bytes) -> None:
+        """Send a task's registered message to its queue at its priority (once, no retries)."""
         await self.start()
-        message = BrokerMessage(
-            task_id=record.task_id,
-            task_name="",
-            message=raw_message,
-            labels={QUEUE_LABEL: record.queue, PRIORITY_LABEL: record.priority},
-        )
-        await self.retrying(
-            f"re-sending task {record.task_id} to queue '{record.queue}'",
-            lambda: self.broker.kick(message),
+        await self.broker.kick(
+            BrokerMessage(
+                task_id=record.task_id,
+                task_name="",
+                message=message,
+                labels={QUEUE_LABEL: record.queue, PRIORITY_LABEL: record.priority},
+            )
         )
 
-    async def release_if_orphaned(self, task_id: str) -> bool:
-        """Requeue a task claimed by a worker that died before starting it."""
-        raw = await self.keystore.release_orphan(task_id)
-        if raw is None:
-            return False
-        record = await self.keystore.get(task_id)
-        if record is None:
-            return False
-        logger.warning(
-            "Task %s (run %s, queue '%s') was claimed by a worker that died before starting it; "
-            "sending it again.",
-            task_id,
-            record.run_id,
-            record.queue,
-        )
-        try:
-            await self.resend(record, raw)
-        except BrokerUnavailableError:
-            # Released but not sent: make it an orphan again rather than 'queued' with no message.
-            await self.keystore.unrelease(task_id)
-            raise
-        return True
+    async def holds(self, record: TaskRecord, message: bytes) -> bool | None:
+        """Whether the broker still holds the message; None when it cannot tell (RabbitMQ)."""
+        holds = getattr(self.broker, "holds", None)
+        if holds is None:
+            return None
+        return bool(await holds(record.queue, message))
 
     # -- results -----------------------------------------------------------------------------
-    async def store_outcome(self, task_id: str, outcome: TaskOutcome, elapsed: float) -> None:
-        """Write a task's outcome to the taskiq result backend (JSON)."""
+    @staticmethod
+    def result_value(outcome: TaskOutcome, elapsed: float) -> str:
+        """A task's outcome in the taskiq result backend's JSON format."""
         result: TaskiqResult[Any] = TaskiqResult(
-            is_err=outcome.status not in ("success", "skipped"),
+            is_err=not _is_success(outcome.status),
             return_value=encode(outcome),
             execution_time=round(elapsed, 3),
             log=None,
         )
-        await self.broker.result_backend.set_result(task_id, result)
+        return json.dumps(result.model_dump(mode="json"))
 
     def result_key(self, task_id: str) -> str:
         """The Redis key under which the taskiq result backend keeps ``task_id``'s result."""
-        return f"{self.settings.key_prefix}:result:{task_id}"
+        return self.keys.result(task_id)
 
     async def outcome(self, task_id: str) -> TaskOutcome | None:
-        """The task's outcome from the result backend, or None if it has none yet.
+        """The task's outcome (from its record, else the result backend), or None if none yet.
 
         The stored value is parsed as plain JSON and only its ``return_value`` string is decoded,
         with Dagster serdes, into a :class:`TaskOutcome`. Nothing else in it is interpreted (taskiq
         would rebuild an ``error`` field into an exception object), and nothing is unpickled.
         """
+        record = await self.keystore.get(task_id)
+        if record is not None and record.outcome_json:
+            return outcome_of(record)
         raw = await self.backend_redis.get(self.result_key(task_id))
         if raw is None:
             return None
@@ -299,12 +263,14 @@ def _why(exc: BaseException, deadline: float) -> str:
     """Why a connection attempt failed: no answer within the deadline, or the error it got."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return f"no answer within {deadline:.0f} s"
-    return f"{type(exc).__name__}: {_short(exc)}"
+    return short_error(exc)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc) or exc.__class__.__name__
-    return text if len(text) < 200 else text[:200] + "…"
+def _is_success(status: str) -> bool:
+    try:
+        return Outcome(status).is_success
+    except ValueError:
+        return False
 
 
 class TaskiqClient:
@@ -371,7 +337,7 @@ class TaskiqClient:
         return self.bridge.run(coro, timeout=self.timeout)
 
     # Convenience wrappers ------------------------------------------------------------------
-    def get_task(self, task_id: str) -> ks.TaskRecord | None:
+    def get_task(self, task_id: str) -> TaskRecord | None:
         """The key store's record of a task."""
         return self.run(lambda c: c.keystore.get(task_id))
 

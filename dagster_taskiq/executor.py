@@ -6,14 +6,17 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dagster import DagsterInstance, Field, executor
-from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
-from dagster._core.events import DagsterEvent
-from dagster._core.execution.retries import RetryMode, get_retries_config
-from dagster._core.execution.tags import get_tag_concurrency_limits_config
-from dagster._core.executor.base import Executor
-from dagster._core.executor.init import InitExecutorContext
-from dagster._core.executor.step_delegating import StepDelegatingExecutor
 
+from dagster_taskiq.compat import (
+    DagsterEvent,
+    Executor,
+    InitExecutorContext,
+    RetryMode,
+    StepDelegatingExecutor,
+    get_retries_config,
+    get_tag_concurrency_limits_config,
+    multiple_process_executor_requirements,
+)
 from dagster_taskiq.config import (
     TaskiqSettings,
     executor_only_schema,

@@ -8,21 +8,22 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from dagster import DagsterInstance, MetadataValue
-from dagster import _check as check
-from dagster._core.events import EngineEventData
-from dagster._core.launcher.base import (
+from dagster import MetadataValue
+from typing_extensions import Self
+
+from dagster_taskiq.cancellation import cancel_unfinished_run
+from dagster_taskiq.compat import (
     CheckRunHealthResult,
+    ConfigurableClass,
+    ConfigurableClassData,
+    DagsterRun,
+    EngineEventData,
     LaunchRunContext,
     ResumeRunContext,
     RunLauncher,
     WorkerStatus,
+    check,
 )
-from dagster._core.storage.dagster_run import DagsterRun
-from dagster._serdes import ConfigurableClass, ConfigurableClassData
-from typing_extensions import Self
-
-from dagster_taskiq import keystore as ks
 from dagster_taskiq.config import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_QUEUE,
@@ -32,13 +33,28 @@ from dagster_taskiq.config import (
     shared_config_schema,
 )
 from dagster_taskiq.connection import TaskiqClient, TaskiqConnection, seconds_ago
+from dagster_taskiq.lifecycle.health import Health
+from dagster_taskiq.lifecycle.keys import RUN_TASK_INDEX_FIELD
+from dagster_taskiq.lifecycle.records import TaskRecord, WorkerInfo
+from dagster_taskiq.lifecycle.recovery import recover
+from dagster_taskiq.lifecycle.states import TaskKind, TaskState
 from dagster_taskiq.payloads import RUN_TASK_NAME, RunTaskPayload, TaskOutcome, encode
 from dagster_taskiq.tags import TASK_ID_TAG, run_routing
 
 logger = logging.getLogger("dagster_taskiq.launcher")
 
 #: Key of the run task in a run's task index (steps are indexed by their step key).
-RUN_INDEX_KEY = "__run__"
+RUN_INDEX_KEY = RUN_TASK_INDEX_FIELD
+#: What run monitoring hears for each task health.
+_WORKER_STATUS = {
+    Health.WAITING: WorkerStatus.RUNNING,
+    Health.STARTING: WorkerStatus.RUNNING,
+    Health.RUNNING: WorkerStatus.RUNNING,
+    Health.SUCCEEDED: WorkerStatus.SUCCESS,
+    Health.FAILED: WorkerStatus.FAILED,
+    Health.REVOKED: WorkerStatus.FAILED,
+    Health.LOST: WorkerStatus.FAILED,
+}
 
 
 class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
@@ -91,6 +107,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         default_queue: str = DEFAULT_QUEUE,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         config_source: Mapping[str, Any] | None = None,
+        signing_key: str | None = None,
     ) -> None:
         self._inst_data = inst_data
         self.settings: TaskiqSettings = resolve_settings(
@@ -100,6 +117,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                 "default_queue": default_queue,
                 "heartbeat_timeout": heartbeat_timeout,
                 "config_source": dict(config_source or {}),
+                "signing_key": signing_key,
             }
         )
         self._client: TaskiqClient | None = None
@@ -164,7 +182,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                 task_id=task_id,
                 task_name=RUN_TASK_NAME,
                 payload=payload,
-                kind="run",
+                kind=TaskKind.RUN,
                 run_id=run.run_id,
                 step_key=None,
                 queue=routing.queue,
@@ -204,18 +222,22 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             return False
         self._instance.report_run_canceling(run)
 
-        async def _revoke(conn: TaskiqConnection) -> tuple[ks.TaskRecord | None, str, list[str]]:
+        async def _revoke(conn: TaskiqConnection) -> tuple[TaskRecord | None, str, list[str]]:
             record = await conn.keystore.get(task_id)
             previous = await conn.keystore.revoke(task_id)
             steps = []
             for key, other in (await conn.keystore.run_tasks(run_id)).items():
                 if key == RUN_INDEX_KEY or other == task_id:
                     continue
-                if await conn.keystore.revoke(other) in (ks.QUEUED, ks.CLAIMED, ks.RUNNING):
+                if await conn.keystore.revoke(other) in (
+                    TaskState.QUEUED,
+                    TaskState.CLAIMED,
+                    TaskState.RUNNING,
+                ):
                     steps.append(key)
-            if previous in (ks.RUNNING, ks.REVOKING) and record is not None:
-                if not record.heartbeat_alive and await conn.keystore.mark_lost(task_id):
-                    previous = ks.LOST
+            if previous in (TaskState.RUNNING, TaskState.REVOKING) and record is not None:
+                if not record.lease_alive and await conn.keystore.mark_lost(task_id):
+                    previous = TaskState.LOST.value
             return record, previous, steps
 
         record, previous, steps = self.client.run(_revoke)
@@ -235,7 +257,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             ),
             cls=self.__class__,
         )
-        if previous not in (ks.RUNNING, ks.REVOKING):
+        if previous not in (TaskState.RUNNING, TaskState.REVOKING):
             # No process runs the run any more, so nobody else will record the cancellation.
             cancel_unfinished_run(
                 self._instance,
@@ -276,8 +298,10 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                     "expired (config_source.result_ttl) or Redis lost its data.",
                     run_worker_id=task_id,
                 )
-            status, message = await _run_task_health(conn, record)
-            return CheckRunHealthResult(status, message, run_worker_id=task_id)
+            verdict = await recover(conn.keystore, conn, record)
+            return CheckRunHealthResult(
+                _WORKER_STATUS[verdict.health], verdict.message, run_worker_id=task_id
+            )
 
         return self.client.run(_check)
 
@@ -291,7 +315,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
         async def _info(
             conn: TaskiqConnection,
-        ) -> tuple[ks.TaskRecord | None, ks.WorkerInfo | None, TaskOutcome | None]:
+        ) -> tuple[TaskRecord | None, WorkerInfo | None, TaskOutcome | None]:
             record = await conn.keystore.get(task_id)
             worker = None
             if record is not None and record.worker:
@@ -312,64 +336,10 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             client.close()
 
 
-async def _run_task_health(
-    conn: TaskiqConnection, record: ks.TaskRecord
-) -> tuple[WorkerStatus, str]:
-    task_id = record.task_id
-    if record.state == ks.QUEUED:
-        return WorkerStatus.RUNNING, (
-            f"Task {task_id} has waited {max(0.0, time.time() - record.submitted_at):.0f} s in "
-            f"queue '{record.queue}' (priority {record.priority}) for a worker."
-        )
-    if record.state == ks.CLAIMED:
-        if await conn.release_if_orphaned(task_id):
-            return WorkerStatus.RUNNING, (
-                f"Worker {record.worker} died after claiming task {task_id}; it was sent to queue "
-                f"'{record.queue}' again."
-            )
-        return WorkerStatus.RUNNING, f"Worker {record.worker} is starting task {task_id}."
-    if record.state in (ks.RUNNING, ks.REVOKING):
-        if record.heartbeat_alive:
-            return WorkerStatus.RUNNING, (
-                f"Worker {record.worker} is running task {task_id}; last heartbeat "
-                f"{seconds_ago(record.last_heartbeat)}."
-            )
-        await conn.keystore.mark_lost(task_id)
-        return WorkerStatus.FAILED, lost_run_message(record)
-    if record.state == ks.LOST:
-        return WorkerStatus.FAILED, lost_run_message(record)
-    if record.state == ks.REVOKED:
-        return WorkerStatus.FAILED, f"Task {task_id} was revoked (the run was terminated)."
-    outcome = await conn.outcome(task_id)
-    if outcome is None:
-        return WorkerStatus.FAILED, (
-            f"Task {task_id} ended ({record.status or record.state}) on worker {record.worker}, "
-            "but its result is missing from the result backend."
-        )
-    if outcome.status in ("success", "skipped"):
-        return WorkerStatus.SUCCESS, (
-            outcome.message or f"Worker {outcome.worker} finished task {task_id}."
-        )
-    return WorkerStatus.FAILED, (
-        outcome.message
-        or f"Task {task_id} ended with status {outcome.status} on worker {outcome.worker}."
-    )
-
-
-def lost_run_message(record: ks.TaskRecord) -> str:
-    """Why a run's task counts as lost: which worker stopped heartbeating, and how long ago."""
-    return (
-        f"Worker {record.worker} stopped heartbeating {_ago(record.last_heartbeat)} while running "
-        f"run {record.run_id} (task {record.task_id}, queue '{record.queue}', run process pid "
-        f"{record.pid or '-'}); heartbeat_timeout is {record.heartbeat_timeout:g} s. The worker "
-        "probably died (killed, out of memory, or its host went away); check its logs."
-    )
-
-
 def debug_info(
     task_id: str,
-    record: ks.TaskRecord | None,
-    worker: ks.WorkerInfo | None,
+    record: TaskRecord | None,
+    worker: WorkerInfo | None,
     outcome: TaskOutcome | None,
 ) -> str:
     """A few lines describing a run's task for Dagster's run monitoring and the UI."""
@@ -402,32 +372,6 @@ def debug_info(
             + (f": {outcome.message}" if outcome.message else ".")
         )
     return "\n".join(lines)
-
-
-def cancel_unfinished_run(
-    instance: DagsterInstance, run_id: str, worker: str | None, message: str | None = None
-) -> bool:
-    """Mark a run CANCELED if it has not finished; returns whether it did.
-
-    Used when no run process is left to record its own cancellation: the run was revoked while
-    queued, its worker is gone, or its process had to be killed after the grace period.
-    """
-    try:
-        run = instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
-            return False
-        instance.report_run_canceled(
-            run,
-            message=message
-            or (
-                f"Run {run_id} was terminated; its process on taskiq worker {worker} stopped "
-                "before it could record the cancellation."
-            ),
-        )
-        return True
-    except Exception:
-        logger.exception("Could not mark run %s as canceled.", run_id)
-        return False
 
 
 def _ago(timestamp: float | None) -> str:

@@ -2,11 +2,15 @@
 
 from typing import NamedTuple
 
-from dagster._core.instance.ref import InstanceRef
-from dagster._grpc.types import ExecuteStepArgs
-from dagster._serdes import deserialize_value, serialize_value, whitelist_for_serdes
 from dagster_shared.error import SerializableErrorInfo
 
+from dagster_taskiq.compat import (
+    ExecuteStepArgs,
+    InstanceRef,
+    deserialize_value,
+    serialize_value,
+    whitelist_for_serdes,
+)
 from dagster_taskiq.errors import BadMessageError
 
 STEP_TASK_NAME = "dagster_taskiq.execute_step"

@@ -4,16 +4,20 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from dagster import MetadataValue
-from dagster._core.events import DagsterEvent, EngineEventData
-from dagster._core.executor.step_delegating.step_handler.base import (
+from dagster import DagsterEventType, MetadataValue
+
+from dagster_taskiq.compat import (
     CheckStepHealthResult,
+    DagsterEvent,
+    EngineEventData,
     StepHandler,
     StepHandlerContext,
 )
-
-from dagster_taskiq import keystore as ks
-from dagster_taskiq.connection import TaskiqClient, TaskiqConnection, seconds_ago
+from dagster_taskiq.connection import TaskiqClient, TaskiqConnection
+from dagster_taskiq.lifecycle.health import Health, assess
+from dagster_taskiq.lifecycle.records import TaskRecord
+from dagster_taskiq.lifecycle.recovery import recover
+from dagster_taskiq.lifecycle.states import TaskKind
 from dagster_taskiq.payloads import STEP_TASK_NAME, StepTaskPayload, encode
 from dagster_taskiq.tags import step_routing
 
@@ -30,7 +34,7 @@ class TaskiqStepHandler(StepHandler):
         # (run id, step key) -> the task this handler last launched for it.
         self._task_ids: dict[tuple[str, str], str] = {}
         self._ended: set[str] = set()
-        self._snapshot: dict[str, ks.TaskRecord] = {}
+        self._snapshot: dict[str, TaskRecord] = {}
         self._snapshot_at = float("-inf")
 
     @property
@@ -72,7 +76,7 @@ class TaskiqStepHandler(StepHandler):
                 task_id=task_id,
                 task_name=STEP_TASK_NAME,
                 payload=payload,
-                kind="step",
+                kind=TaskKind.STEP,
                 run_id=run.run_id,
                 step_key=step_key,
                 queue=routing.queue,
@@ -100,10 +104,7 @@ class TaskiqStepHandler(StepHandler):
         launched = self._task_ids.get((run_id, step_key))
         if launched is not None:
             record = self._recent_record(run_id, launched)
-            if record is not None and (
-                record.state == ks.QUEUED
-                or (record.state in (ks.RUNNING, ks.REVOKING) and record.heartbeat_alive)
-            ):
+            if record is not None and assess(record).health in (Health.WAITING, Health.RUNNING):
                 return CheckStepHealthResult.healthy()
 
         async def _check(conn: TaskiqConnection) -> CheckStepHealthResult:
@@ -119,11 +120,20 @@ class TaskiqStepHandler(StepHandler):
                     f"The record of task {task_id} (step {step_key}, run {run_id}) is gone; it "
                     "expired or Redis lost its data."
                 )
-            return await _health_of(conn, record)
+            verdict = await recover(conn.keystore, conn, record)
+            if verdict.healthy:
+                return CheckStepHealthResult.healthy()
+            return CheckStepHealthResult.unhealthy(verdict.message)
 
-        return self._client.run(_check)
+        result = self._client.run(_check)
+        if not result.is_healthy and _attempt_ended_in_event_log(step_handler_context, step_key):
+            # The step's own process recorded how this attempt ended (say, it was stopped when
+            # its worker lost the lease, and asked for a retry): Dagster reads that event on its
+            # next poll. Reporting the task's failure as well would end the attempt twice.
+            return CheckStepHealthResult.healthy()
+        return result
 
-    def _recent_record(self, run_id: str, task_id: str) -> ks.TaskRecord | None:
+    def _recent_record(self, run_id: str, task_id: str) -> TaskRecord | None:
         """``task_id``'s record from a snapshot of all this run's unfinished tasks (one pipeline,
         refreshed when older than ``HEALTH_SNAPSHOT_SECONDS``). Anything but plainly healthy is
         checked again, fresh, by the caller."""
@@ -164,38 +174,30 @@ class TaskiqStepHandler(StepHandler):
         )
 
 
-async def _health_of(conn: TaskiqConnection, record: ks.TaskRecord) -> CheckStepHealthResult:
-    what = f"step {record.step_key}" if record.step_key else f"run {record.run_id}"
-    if record.state == ks.QUEUED:
-        return CheckStepHealthResult.healthy()
-    if record.state == ks.CLAIMED:
-        await conn.release_if_orphaned(record.task_id)
-        return CheckStepHealthResult.healthy()
-    if record.state in (ks.RUNNING, ks.REVOKING):
-        if record.heartbeat_alive:
-            return CheckStepHealthResult.healthy()
-        await conn.keystore.mark_lost(record.task_id)
-        return CheckStepHealthResult.unhealthy(lost_message(record))
-    if record.state == ks.LOST:
-        return CheckStepHealthResult.unhealthy(lost_message(record))
-    if record.state == ks.REVOKED:
-        return CheckStepHealthResult.unhealthy(f"Task {record.task_id} for {what} was revoked.")
-    outcome = await conn.outcome(record.task_id)
-    if outcome is None or outcome.status in ("success", "skipped"):
-        return CheckStepHealthResult.healthy()
-    return CheckStepHealthResult.unhealthy(
-        outcome.message
-        or f"Task {record.task_id} for {what} ended with status {outcome.status} on worker "
-        f"{outcome.worker}."
-    )
+#: Events that end a step attempt.
+_ATTEMPT_END_EVENTS = {
+    DagsterEventType.STEP_SUCCESS,
+    DagsterEventType.STEP_FAILURE,
+    DagsterEventType.STEP_UP_FOR_RETRY,
+    DagsterEventType.STEP_SKIPPED,
+}
 
 
-def lost_message(record: ks.TaskRecord) -> str:
-    """Why a running task counts as lost: which worker stopped heartbeating, and when."""
-    what = f"step {record.step_key}" if record.step_key else f"run {record.run_id}"
-    return (
-        f"Worker {record.worker} (pid {record.pid}) stopped heartbeating for task "
-        f"{record.task_id} ({what}, queue '{record.queue}'); last heartbeat "
-        f"{seconds_ago(record.last_heartbeat)}, heartbeat_timeout {record.heartbeat_timeout:g} s. "
-        "The worker process probably died; check its logs."
+def _attempt_ended_in_event_log(context: StepHandlerContext, step_key: str) -> bool:
+    """Whether the event log already holds the end of the step attempt being checked.
+
+    Each earlier attempt of a step ended with exactly one of :data:`_ATTEMPT_END_EVENTS`; one
+    more than that means the current attempt has ended too.
+    """
+    known_state = context.execute_step_args.known_state
+    earlier = known_state.get_retry_state().get_attempt_count(step_key) if known_state else 0
+    connection = context.instance.get_records_for_run(
+        context.execute_step_args.run_id, of_type=_ATTEMPT_END_EVENTS
     )
+    ends = sum(
+        1
+        for record in connection.records
+        if record.event_log_entry.dagster_event is not None
+        and record.event_log_entry.dagster_event.step_key == step_key
+    )
+    return ends > earlier

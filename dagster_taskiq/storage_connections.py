@@ -38,7 +38,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagster import DagsterInstance
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+from dagster_taskiq.compat import SqliteEventLogStorage
 
 logger = logging.getLogger("dagster_taskiq")
 
@@ -85,7 +86,7 @@ def close_sqlite_connections(instance: DagsterInstance) -> None:
 
 def _reuse_run_storage_engine(instance: DagsterInstance) -> bool:
     """``SqliteRunStorage.connect`` with its one database's engine built once."""
-    from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+    from dagster_taskiq.compat import SqliteRunStorage
 
     storage: Any = instance.run_storage
     if not isinstance(storage, SqliteRunStorage) or getattr(storage, "_dtq_engine", None):
@@ -288,6 +289,6 @@ def _is_stamped(engine: Any) -> bool:
 
 
 def _busy_timeout() -> float:
-    from dagster._core.storage.event_log.sqlite import sqlite_event_log
+    from dagster_taskiq.compat import sqlite_event_log
 
     return float(getattr(sqlite_event_log, "SQLITE_BUSY_TIMEOUT_SECONDS", 30.0))

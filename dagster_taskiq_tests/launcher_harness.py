@@ -20,9 +20,9 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
 from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_iteration
 
-from dagster_taskiq import keystore as ks
 from dagster_taskiq.config import TaskiqSettings, settings_to_config
 from dagster_taskiq.launcher import TaskiqRunLauncher
+from dagster_taskiq.lifecycle.records import TaskRecord
 from dagster_taskiq.tags import TASK_ID_TAG
 from dagster_taskiq_tests import launcher_jobs
 from dagster_taskiq_tests.harness import REPO_ROOT, WorkerPool, run_async, wait_for
@@ -191,7 +191,7 @@ class LauncherEnv:
         assert task_id, f"run {run_id} has no {TASK_ID_TAG} tag"
         return task_id
 
-    def record(self, task_id: str) -> ks.TaskRecord:
+    def record(self, task_id: str) -> TaskRecord:
         """A task's key-store record."""
         record = run_async(self.settings, lambda c: c.keystore.get(task_id))
         assert record is not None, f"no key-store record for task {task_id}"

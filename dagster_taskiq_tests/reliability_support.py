@@ -26,8 +26,9 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
 
-from dagster_taskiq import keystore as ks
 from dagster_taskiq.config import TaskiqSettings
+from dagster_taskiq.lifecycle.records import TaskRecord
+from dagster_taskiq.lifecycle.store import Claim, TaskStore
 from dagster_taskiq_tests import reliability_jobs
 from dagster_taskiq_tests.harness import REPO_ROOT, executor_config, run_async, wait_for
 from dagster_taskiq_tests.launcher_harness import sqlite_storage, write_home
@@ -72,10 +73,10 @@ def backend_only(settings: TaskiqSettings) -> TaskiqSettings:
     return dataclasses.replace(settings, broker_url=settings.backend_url)
 
 
-def task_records(settings: TaskiqSettings, run_id: str) -> dict[str, ks.TaskRecord]:
+def task_records(settings: TaskiqSettings, run_id: str) -> dict[str, TaskRecord]:
     """Step key (``__run__`` for a run task) to the key-store record of its latest task."""
 
-    async def _read(conn: Any) -> dict[str, ks.TaskRecord]:
+    async def _read(conn: Any) -> dict[str, TaskRecord]:
         index = await conn.keystore.run_tasks(run_id)
         records = await conn.keystore.get_many(list(index.values()))
         by_id = {r.task_id: r for r in records}
@@ -90,10 +91,10 @@ def wait_state(
     step_key: str,
     states: set[str],
     timeout: float = 60.0,
-) -> ks.TaskRecord:
+) -> TaskRecord:
     """Wait until the latest task of ``step_key`` is in one of ``states``."""
 
-    def _check() -> ks.TaskRecord | None:
+    def _check() -> TaskRecord | None:
         record = task_records(settings, run_id).get(step_key)
         return record if record is not None and record.state in states else None
 
@@ -123,7 +124,7 @@ def key_summary(settings: TaskiqSettings) -> dict[str, int]:
             name = key.decode() if isinstance(key, bytes) else str(key)
             counts[name[len(prefix) + 1 :].split(":", 1)[0]] += 1
         summary = dict(counts)
-        summary["inflight_size"] = int(await redis.zcard(conn.keystore.inflight_key))
+        summary["inflight_size"] = int(await redis.zcard(conn.keys.inflight))
         unacked = 0
         async for key in redis.scan_iter(match=f"{prefix}:unacked:*", count=1000):
             unacked += int(await redis.hlen(key))
@@ -205,16 +206,16 @@ def _stall(config: str, name: str, queue: str, marker: str) -> int:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(config, None, None)
-    real_claim = ks.KeyStore.claim
+    real_claim = TaskStore.claim
 
-    async def claim_then_stall(self: ks.KeyStore, task_id: str, worker: str) -> str:
-        result = await real_claim(self, task_id, worker)
-        if result == "claimed":
+    async def claim_then_stall(self: TaskStore, task_id: str, worker: str, *args: Any) -> Claim:
+        result = await real_claim(self, task_id, worker, *args)
+        if result.granted:
             Path(marker).write_text(json.dumps({"task_id": task_id, "worker": worker}))
             await asyncio.Event().wait()  # never returns: the test kills us here
         return result
 
-    ks.KeyStore.claim = claim_then_stall  # type: ignore[method-assign]
+    TaskStore.claim = claim_then_stall  # type: ignore[method-assign]
     options = WorkerOptions(
         name=name, queues=(queue,), concurrency=1, heartbeat_interval=0.5, liveness_ttl=5.0
     )

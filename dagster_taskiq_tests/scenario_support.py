@@ -10,9 +10,9 @@ from dagster import DagsterEvent, DagsterEventType, DagsterInstance, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.storage.dagster_run import DagsterRun
 
-from dagster_taskiq import keystore as ks
 from dagster_taskiq.cli import collect_status
 from dagster_taskiq.config import TaskiqSettings
+from dagster_taskiq.lifecycle.records import TaskRecord, WorkerInfo
 from dagster_taskiq_tests.harness import (
     WorkerPool,
     WorkerProcess,
@@ -95,10 +95,10 @@ def wait_new_run(
     return wait_for(_new, timeout, interval=0.05, what="a new run")
 
 
-def task_records(settings: TaskiqSettings, run_id: str) -> dict[str, ks.TaskRecord]:
+def task_records(settings: TaskiqSettings, run_id: str) -> dict[str, TaskRecord]:
     """The key store's record of each step (latest task) of a run, by step key."""
 
-    async def _read(conn: Any) -> dict[str, ks.TaskRecord]:
+    async def _read(conn: Any) -> dict[str, TaskRecord]:
         index = await conn.keystore.run_tasks(run_id)
         records = await conn.keystore.get_many(list(index.values()))
         return {r.step_key or "__run__": r for r in records}
@@ -111,10 +111,10 @@ def wait_states(
     run_id: str,
     expected: Mapping[str, str],
     timeout: float = 30.0,
-) -> dict[str, ks.TaskRecord]:
+) -> dict[str, TaskRecord]:
     """Wait until each step in ``expected`` has a task in the given state."""
 
-    def _check() -> dict[str, ks.TaskRecord] | None:
+    def _check() -> dict[str, TaskRecord] | None:
         records = task_records(settings, run_id)
         ok = all(k in records and records[k].state == s for k, s in expected.items())
         return records if ok else None
@@ -127,7 +127,7 @@ def status(settings: TaskiqSettings) -> dict[str, Any]:
     return run_async(settings, collect_status)
 
 
-def worker_record(settings: TaskiqSettings, name: str) -> ks.WorkerInfo | None:
+def worker_record(settings: TaskiqSettings, name: str) -> WorkerInfo | None:
     """A live worker's liveness record."""
     return run_async(settings, lambda conn: conn.keystore.get_worker(name))
 

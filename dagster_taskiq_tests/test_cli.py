@@ -315,3 +315,50 @@ def test_worker_lifecycle(
     finally:
         first.stop()
         second.stop()
+
+
+def test_worker_name_must_be_valid(config_file: Path) -> None:
+    """A name with ':' or spaces would be misparsed in key names: refused with one line."""
+    for bad in ("a:b", "has space", ":x"):
+        result = invoke("worker", "start", "-n", bad, "-y", str(config_file))
+        assert_user_error(result, "Invalid worker name", repr(bad))
+
+
+def test_a_live_workers_name_cannot_be_taken(
+    config_file: Path, cli_settings: TaskiqSettings, dagster_home: Path
+) -> None:
+    """`worker start -n W` exits 1 while a live worker W exists, and works once W is gone."""
+    first = WorkerProcess(cli_settings, dagster_home).start()
+    try:
+        result = invoke("worker", "start", "-n", first.name, "-y", str(config_file))
+        assert_user_error(result, f"A live worker named '{first.name}' already exists")
+        # The same refusal comes from the worker itself when two start at once (no CLI check
+        # between them): the second to register exits 1 and the first keeps serving.
+        twin = WorkerProcess(cli_settings, dagster_home, name=first.name)
+        twin.config_path.write_text(yaml.safe_dump(executor_config(cli_settings)))
+        env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "PYTHONPATH": str(REPO_ROOT)}
+        code = """
+import asyncio, sys
+from dagster_taskiq.cli import load_settings
+from dagster_taskiq.worker.service import Worker, WorkerOptions
+settings = load_settings(sys.argv[1], None, None)
+try:
+    asyncio.run(Worker(settings, WorkerOptions(name=sys.argv[2])).serve())
+except Exception as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(1)
+"""
+        raced = subprocess.run(
+            [sys.executable, "-c", code, str(twin.config_path), first.name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=str(REPO_ROOT),
+        )
+        assert raced.returncode == 1, (raced.stdout, raced.stderr)
+        assert "WorkerNameInUseError" in raced.stdout, raced.stdout
+        assert first.process is not None and first.process.poll() is None
+    finally:
+        assert first.stop() == 0
+    wait_for(lambda: first.name not in _workers(config_file), 10, what="the name to be free")

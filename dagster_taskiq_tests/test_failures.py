@@ -18,7 +18,8 @@ from dagster import DagsterEventType, DagsterInstance, reconstructable
 
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq.connection import TaskiqConnection
-from dagster_taskiq.keystore import WorkerInfo
+from dagster_taskiq.lifecycle.records import WorkerInfo
+from dagster_taskiq.lifecycle.store import message_digest
 from dagster_taskiq_tests import jobs, scenario_jobs
 from dagster_taskiq_tests.harness import (
     REPO_ROOT,
@@ -130,11 +131,10 @@ def test_termination_kills_running_steps_and_revokes_queued_ones(
 
     # The queued step reaches the worker once its slots are free, and is skipped there.
     task_id = task_records(settings, run.run_id)[waiting].task_id
-    outcome = wait_for(
-        lambda: run_async(settings, lambda conn: conn.outcome(task_id)),
+    wait_for(
+        lambda: f"Not running task {task_id}: it is revoked" in worker.log(),
         what="the worker to skip the revoked step",
     )
-    assert (outcome.status, outcome.worker) == ("revoked", worker.name)
     records = task_records(settings, run.run_id)
     assert {k: records[k].state for k in held} == dict.fromkeys(held, "revoked")
     assert set(_started(order_log, run.run_id)) == set(pids)
@@ -216,7 +216,10 @@ def test_task_claimed_by_a_dead_worker_runs_on_another(
         try:
             message = await listener.__anext__()
             task_id = conn.broker.formatter.loads(message.data).task_id
-            assert await conn.keystore.claim(task_id, ghost) == "claimed"
+            claim = await conn.keystore.claim(
+                task_id, ghost, "ghost-instance", message_digest(message.data)
+            )
+            assert claim.granted
             await message.ack()  # type: ignore[misc]
             return task_id
         finally:
@@ -238,7 +241,7 @@ def test_task_claimed_by_a_dead_worker_runs_on_another(
                 started_at=now,
                 last_heartbeat=now,
             )
-            await conn.keystore.heartbeat(info, 600.0, {})
+            await conn.keystore.beat_worker(info, "ghost-instance", 600.0)
             return await _take_and_claim(conn)
         finally:
             await conn.close()
@@ -246,7 +249,9 @@ def test_task_claimed_by_a_dead_worker_runs_on_another(
     async def _ghost_dies() -> None:
         conn = TaskiqConnection(settings)
         try:
-            await conn.keystore.remove_worker(ghost)  # as when its liveness record expires
+            await conn.keystore.remove_worker(
+                ghost, "ghost-instance"
+            )  # as when its liveness record expires
         finally:
             await conn.close()
 
@@ -336,7 +341,7 @@ def test_long_healthy_step_is_never_run_twice(
     async def _redeliver(conn: TaskiqConnection) -> None:
         raw = await conn.keystore.message(record.task_id)
         assert raw is not None
-        await conn.resend(record, raw)
+        await conn.send_registered(record, raw)
 
     run_async(settings, _redeliver)
     wait_for(

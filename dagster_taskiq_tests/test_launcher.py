@@ -22,11 +22,11 @@ from dagster._core.errors import DagsterInvalidConfigError
 from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRunStatus
 
-from dagster_taskiq import keystore as ks
 from dagster_taskiq.cli import main as cli
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq.errors import BrokerUnavailableError, TaskiqConfigError
 from dagster_taskiq.launcher import TaskiqRunLauncher
+from dagster_taskiq.lifecycle.states import TaskState
 from dagster_taskiq.tags import QUEUE_TAG, RUN_PRIORITY_TAG, TASK_ID_TAG
 from dagster_taskiq_tests.harness import (
     WorkerProcess,
@@ -106,7 +106,7 @@ def test_noop_run_succeeds(env: LauncherEnv, main_worker: WorkerProcess) -> None
     run_pid = int(started.message.split("(pid: ")[1].rstrip(").").strip())
     assert run_pid != main_worker.pid  # the run executed in a child process of the worker
 
-    record = wait_for(lambda: (r := env.record(task_id)).state == ks.DONE and r)
+    record = wait_for(lambda: (r := env.record(task_id)).state == TaskState.DONE and r)
     assert record.kind == "run" and record.worker == main_worker.name
     health = env.launcher.check_run_worker_health(run)
     assert health.status == WorkerStatus.SUCCESS, health.msg
@@ -145,7 +145,9 @@ def test_terminate_looping_run(
     assert DagsterEventType.RUN_CANCELING in types and DagsterEventType.RUN_CANCELED in types
     wait_for(lambda: not _pid_alive(pid), 10, what=f"the run's process {pid} to exit")
     task_id = run.tags[TASK_ID_TAG]
-    wait_for(lambda: env.record(task_id).state == ks.REVOKED, 10, what="the run task revoked")
+    wait_for(
+        lambda: env.record(task_id).state == TaskState.REVOKED, 10, what="the run task revoked"
+    )
     assert env.launcher.terminate(run_id) is False
 
 
@@ -174,7 +176,7 @@ def test_queued_runs_status_priority_and_termination(env: LauncherEnv) -> None:
     table = _cli(env, "status").output
     assert queue in table and "p9:1 p5:1 p3:1 p1:1" in table
     for label in priorities:
-        assert env.record(tasks[label]).state == ks.QUEUED
+        assert env.record(tasks[label]).state == TaskState.QUEUED
         health = env.launcher.check_run_worker_health(env.run(runs[label]))
         assert health.status == WorkerStatus.RUNNING and f"queue '{queue}'" in health.msg
 
@@ -196,8 +198,13 @@ def test_queued_runs_status_priority_and_termination(env: LauncherEnv) -> None:
 
     assert env.run(runs["doomed"]).status == DagsterRunStatus.CANCELED
     assert DagsterEventType.RUN_START not in env.event_types(runs["doomed"])
-    wait_for(lambda: "Skipping revoked task" in solo.log(), 10, what="the revoked run skipped")
-    assert env.record(tasks["doomed"]).state == ks.REVOKED
+    doomed_task = tasks["doomed"]
+    wait_for(
+        lambda: f"Not running task {doomed_task}: it is revoked" in solo.log(),
+        10,
+        what="the revoked run skipped",
+    )
+    assert env.record(tasks["doomed"]).state == TaskState.REVOKED
 
 
 def test_steps_of_launched_run_share_one_single_slot_worker(env: LauncherEnv) -> None:
@@ -258,7 +265,7 @@ def test_terminate_revokes_steps_on_other_workers(
     revoked = env.wait_event(run_id, "step task(s) in flight")
     assert "1 step task(s) in flight: step_loops" in revoked.message
     wait_for(lambda: not _pid_alive(step_pid), 10, what=f"the step process {step_pid} to exit")
-    wait_for(lambda: env.record(step_task).state == ks.REVOKED, 10, what="the step revoked")
+    wait_for(lambda: env.record(step_task).state == TaskState.REVOKED, 10, what="the step revoked")
 
 
 def test_launcher_config_is_validated(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRunStatus
 from dagster._daemon.monitoring.run_monitoring import RESUME_RUN_LOG_MESSAGE
 
-from dagster_taskiq import keystore as ks
+from dagster_taskiq.lifecycle.states import TaskState
 from dagster_taskiq.tags import QUEUE_TAG, TASK_ID_TAG
 from dagster_taskiq_tests.harness import WorkerProcess, isolated_settings, wait_for
 from dagster_taskiq_tests.launcher_harness import (
@@ -70,7 +70,9 @@ def test_os_exit_run_is_failed_by_run_monitoring(
 ) -> None:
     run_id = env.launch("os_exit_job")
     task_id = env.task_id(run_id)
-    wait_for(lambda: env.record(task_id).state == ks.DONE, 60, what="the run process to exit")
+    wait_for(
+        lambda: env.record(task_id).state == TaskState.DONE, 60, what="the run process to exit"
+    )
     run = env.run(run_id)
     assert run.status == DagsterRunStatus.STARTED  # nothing recorded the end of the run...
     health = env.launcher.check_run_worker_health(run)
@@ -98,7 +100,7 @@ def test_sys_exit_fails_the_run_naming_the_step(
     failure = next(e for e in events if e.dagster_event_type == DagsterEventType.RUN_FAILURE)
     assert "soft_exit" in failure.message
     # Once the run process has exited, its outcome is in the result backend too.
-    wait_for(lambda: env.record(env.task_id(run_id)).state == ks.DONE, 30)
+    wait_for(lambda: env.record(env.task_id(run_id)).state == TaskState.DONE, 30)
     health = env.launcher.check_run_worker_health(run)
     assert health.status == WorkerStatus.FAILED and run_id in health.msg
 
@@ -121,7 +123,7 @@ def test_terminated_run_that_ignores_sigterm_is_killed_and_canceled(
         e for e in env.events(run_id) if e.dagster_event_type == DagsterEventType.RUN_CANCELED
     )
     assert f"taskiq worker {main_worker.name}" in canceled.message, canceled.message
-    wait_for(lambda: env.record(env.task_id(run_id)).state == ks.REVOKED, 10)
+    wait_for(lambda: env.record(env.task_id(run_id)).state == TaskState.REVOKED, 10)
 
 
 def test_killed_worker_fails_the_run_with_the_reason(env: LauncherEnv, tmp_path: Path) -> None:
@@ -147,7 +149,7 @@ def test_killed_worker_fails_the_run_with_the_reason(env: LauncherEnv, tmp_path:
     assert f"Worker {doomed.name} stopped heartbeating" in message, message
     assert "s ago" in message and f"heartbeat_timeout is {HEARTBEAT_TIMEOUT:g} s" in message
     assert env.task_id(run_id) in message and "Last heartbeat:" in message  # debug info
-    assert env.record(env.task_id(run_id)).state == ks.LOST
+    assert env.record(env.task_id(run_id)).state == TaskState.LOST
 
 
 def test_killed_worker_run_resumes_on_a_second_worker(env: LauncherEnv, tmp_path: Path) -> None:
@@ -186,7 +188,7 @@ def test_killed_worker_run_resumes_on_a_second_worker(env: LauncherEnv, tmp_path
 
     second_task = run.tags[TASK_ID_TAG]
     assert second_task != first_task
-    assert env.record(first_task).state == ks.LOST
+    assert env.record(first_task).state == TaskState.LOST
     assert env.record(second_task).worker == second.name
     env.wait_event(run_id, "Resuming run (attempt 1) to taskiq queue")
     env.wait_event(run_id, f"Resuming run on taskiq worker {second.name}")
@@ -209,7 +211,7 @@ def test_twenty_runs_launched_at_once_all_succeed(
         done = env.wait_status(run.run_id, timeout=90)
         assert done.status == DagsterRunStatus.SUCCESS, env.describe(run.run_id)
     records = [env.record(env.task_id(run.run_id)) for run in runs]
-    assert {(r.worker, r.state) for r in records} == {(main_worker.name, ks.DONE)}
+    assert {(r.worker, r.state) for r in records} == {(main_worker.name, TaskState.DONE)}
 
 
 def _alive(pid: int) -> bool:

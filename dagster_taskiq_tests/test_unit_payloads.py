@@ -28,7 +28,7 @@ from dagster_taskiq.payloads import (
     decode_step,
     encode,
 )
-from dagster_taskiq.worker.service import Worker, WorkerOptions
+from dagster_taskiq.worker.intake import validate_message
 from dagster_taskiq_tests import jobs
 
 
@@ -97,8 +97,7 @@ def test_payload_survives_the_taskiq_wire_format(tmp_path: Path, broker_url: str
     document = json.loads(wire.message)
     assert document["labels"] == {"queue_name": "gpu", "priority": 7, "ack_type": "when_received"}
     message = conn.broker.formatter.loads(wire.message)
-    worker = Worker(settings, WorkerOptions(name="w"))
-    assert worker._decode(message) == payload
+    assert validate_message(message, None) == payload
 
 
 @pytest.mark.parametrize(
@@ -153,8 +152,32 @@ def test_bad_run_payload_and_outcome_are_refused(tmp_path: Path) -> None:
 def test_worker_refuses_foreign_or_malformed_tasks(
     task_name: str, args: list[object], kwargs: dict[str, object], complaint: str
 ) -> None:
-    worker = Worker(TaskiqSettings(), WorkerOptions(name="w"))
     message = TaskiqMessage(task_id="t-1", task_name=task_name, labels={}, args=args, kwargs=kwargs)
     with pytest.raises(BadMessageError, match="t-1") as info:
-        worker._decode(message)
+        validate_message(message, None)
     assert complaint in str(info.value)
+
+
+def test_signed_messages_verify_and_others_are_refused(tmp_path: Path) -> None:
+    """With a signing key, only messages signed with that key pass."""
+    payload = _step_payload(tmp_path)
+    settings = TaskiqSettings(
+        broker_url="redis://127.0.0.1:1/0",
+        backend_url="redis://127.0.0.1:1/0",
+        signing_key="secret-signing-key-1",
+    )
+    wire = TaskiqConnection(settings).build_message(
+        task_id="t-2", task_name=STEP_TASK_NAME, payload=encode(payload), queue="q", priority=5
+    )
+    signed = TaskiqConnection(settings).broker.formatter.loads(wire.message)
+    assert "secret-signing-key-1" not in wire.message.decode()  # the key itself never travels
+    assert validate_message(signed, "secret-signing-key-1") == payload
+    assert validate_message(signed, None) == payload  # a worker without a key ignores it
+    with pytest.raises(BadMessageError, match="wrongly signed"):
+        validate_message(signed, "k2")
+    unsigned = signed.model_copy(update={"labels": {}})
+    with pytest.raises(BadMessageError, match="unsigned"):
+        validate_message(unsigned, "secret-signing-key-1")
+    tampered = signed.model_copy(update={"args": [encode(payload._replace(step_key="other"))]})
+    with pytest.raises(BadMessageError, match="wrongly signed"):
+        validate_message(tampered, "secret-signing-key-1")

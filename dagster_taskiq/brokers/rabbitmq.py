@@ -6,18 +6,26 @@ durable classic queue with ``x-max-priority``) before it publishes to it, so a m
 that no worker serves yet waits there instead of being dropped, and publishes with the message
 priority clamped to the queue's range.
 
+Every publish is persistent, ``mandatory`` and confirmed (see :meth:`RoutedAioPikaBroker.kick`):
+``kick`` returns only once RabbitMQ has taken the message, and a message it could not route or
+store raises instead of vanishing.
+
 Workers take one message per pull and hold none in between (see :meth:`RoutedAioPikaBroker.listen`):
 a busy worker never sits on a prefetched step that an idle worker could run.
 """
 
 import asyncio
 import contextlib
+import logging
 import re
-from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Sequence
+from typing import Any, TypeVar
 
-from aio_pika import DeliveryMode, ExchangeType, Message
+from aio_pika import DeliveryMode, ExchangeType, Message, connect_robust
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import DeliveryError, PublishError
+from pamqp.commands import Basic
 from taskiq import AckableMessage, BrokerMessage
 from taskiq_aio_pika import AioPikaBroker
 from taskiq_aio_pika.exceptions import NoStartupError
@@ -26,8 +34,14 @@ from taskiq_aio_pika.queue import Queue, QueueType
 
 from dagster_taskiq.errors import InvalidTagError, TaskiqConfigError, TaskSubmissionError
 
+logger = logging.getLogger("dagster_taskiq")
+T = TypeVar("T")
+
 #: Seconds to wait for RabbitMQ to confirm a consumer cancellation or a message rejection.
 _CANCEL_TIMEOUT = 5.0
+#: Default seconds :meth:`RoutedAioPikaBroker.kick` waits for RabbitMQ to confirm a publish (and
+#: for each queue declaration it makes first) before it raises :class:`TimeoutError`.
+DEFAULT_CONFIRM_TIMEOUT = 10.0
 #: What AMQP 0-9-1 clients (pamqp) accept as a queue name; RabbitMQ allows 255 bytes.
 _AMQP_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:@#,/+ \-]{1,255}")
 
@@ -54,6 +68,8 @@ class RoutedAioPikaBroker(AioPikaBroker):
         ``0..max_priority``.
     :param qos: prefetch per consumer; keep it at 1 so priority order holds.
     :param queue_arguments: extra ``x-`` arguments for every declared queue (e.g. ``x-expires``).
+    :param confirm_timeout: seconds :meth:`kick` waits for RabbitMQ to confirm a publish (and for
+        each queue declaration it makes first) before it raises :class:`TimeoutError`.
     """
 
     def __init__(
@@ -66,6 +82,7 @@ class RoutedAioPikaBroker(AioPikaBroker):
         max_priority: int = 10,
         qos: int = 1,
         queue_arguments: dict[str, Any] | None = None,
+        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
         **connection_kwargs: Any,
     ) -> None:
         for name in [default_queue, *(listen_queues or [])]:
@@ -73,6 +90,11 @@ class RoutedAioPikaBroker(AioPikaBroker):
         self.default_queue = default_queue
         self.max_priority = max_priority
         self.queue_arguments = dict(queue_arguments or {})
+        self.confirm_timeout = float(confirm_timeout)
+        if self.confirm_timeout <= 0:
+            raise TaskiqConfigError(
+                f"confirm_timeout must be a positive number of seconds, not {confirm_timeout!r}."
+            )
         super().__init__(
             url=url,
             qos=qos,
@@ -80,6 +102,7 @@ class RoutedAioPikaBroker(AioPikaBroker):
             task_queues=[self._queue_spec(q) for q in (listen_queues or [])],
             **connection_kwargs,
         )
+        #: Queues declared and bound through this broker: :meth:`kick` declares each one once.
         self._declared: set[str] = set()
         self._cancelling: set[asyncio.Task[None]] = set()
 
@@ -116,9 +139,26 @@ class RoutedAioPikaBroker(AioPikaBroker):
         return queue
 
     async def startup(self) -> None:
-        """Connect and declare; if that fails (or is cancelled), close what it opened."""
+        """Connect, open a confirming publish channel and declare the exchange and this worker's
+        queues; if that fails (or is cancelled), close what it opened.
+
+        The connections are opened here rather than by ``AioPikaBroker.startup`` so that the
+        publishing channel's settings are explicit instead of aio-pika's defaults: publisher
+        confirms on, and a returned (unroutable) message handed back as the publish result.
+        """
         try:
-            await super().startup()
+            await super(AioPikaBroker, self).startup()  # taskiq's own: result backend, middlewares
+            self.write_conn = await connect_robust(self.url, loop=self._loop, **self._conn_kwargs)
+            self.write_channel = await self.write_conn.channel(
+                publisher_confirms=True, on_return_raises=False
+            )
+            if self.is_worker_process:
+                self.read_conn = await connect_robust(
+                    self.url, loop=self._loop, **self._conn_kwargs
+                )
+                self.read_channel = await self.read_conn.channel()
+            await self._declare_exchanges()
+            await self._declare_queues(self.write_channel)
         except BaseException:
             await self._abandon_startup()
             raise
@@ -211,15 +251,31 @@ class RoutedAioPikaBroker(AioPikaBroker):
             await asyncio.gather(*self._cancelling, return_exceptions=True)
 
     async def kick(self, message: BrokerMessage) -> None:
-        """Publish ``message`` to the queue named by its ``queue_name`` label."""
-        if self.write_channel is None:
+        """Publish ``message`` to the queue named by its ``queue_name`` label; return once
+        RabbitMQ has confirmed it.
+
+        The first publish to a queue declares it (as workers do) and binds it; later ones do not.
+        Each publish is persistent and ``mandatory``, and waits for RabbitMQ's confirmation. A
+        message RabbitMQ returns as unroutable (the queue or its binding went away since: an
+        ``x-expires``, an operator) was stored nowhere, so the queue is declared again and the
+        message published once more.
+
+        :raises TaskSubmissionError: the broker is not started, the queue name is unusable, or
+            the message is still unroutable after the queue was declared again.
+        :raises ConnectionError: RabbitMQ refused the message (``Basic.Nack``: the queue is full
+            with ``x-overflow: reject-publish``, or the node could not store it); worth retrying.
+        :raises TimeoutError: no confirmation (or declaration) within ``confirm_timeout``; worth
+            retrying, though the message may have been stored (a retry may then deliver it twice).
+        """
+        channel = self.write_channel
+        if channel is None:
             raise TaskSubmissionError(
                 f"Task {message.task_id}: the RabbitMQ broker is not started; call startup() first."
             )
         queue = str(message.labels.get("queue_name") or self.default_queue)
         if queue not in self._declared:
             check_amqp_queue_name(queue, f"task {message.task_id}")
-            await self._declare_one(self.write_channel, queue)
+            await self._declare_for(channel, queue, message.task_id)
         priority = int(message.labels.get("priority") or 0)
         rmq_message = Message(
             body=message.message,
@@ -227,8 +283,75 @@ class RoutedAioPikaBroker(AioPikaBroker):
             delivery_mode=DeliveryMode.PERSISTENT,
             priority=max(0, min(self.max_priority, priority)),
         )
-        exchange = await self.write_channel.get_exchange(self._exchange.name, ensure=False)
-        await exchange.publish(rmq_message, routing_key=queue)
+        if await self._publish(channel, rmq_message, queue, message.task_id):
+            return
+        logger.warning(
+            "RabbitMQ returned task %s as unroutable: queue '%s' or its binding to exchange '%s' "
+            "is gone. Declaring the queue again and re-publishing.",
+            message.task_id,
+            queue,
+            self._exchange.name,
+        )
+        self._declared.discard(queue)
+        await self._declare_for(channel, queue, message.task_id)
+        if await self._publish(channel, rmq_message, queue, message.task_id):
+            return
+        self._declared.discard(queue)
+        raise TaskSubmissionError(
+            f"Task {message.task_id} could not be routed to queue '{queue}': RabbitMQ returned it "
+            f"as unroutable (NO_ROUTE) twice, the second time right after the queue was declared "
+            f"and bound to exchange '{self._exchange.name}' again, so the task was not queued. "
+            "Something removes that queue or its binding as soon as it exists (a very short "
+            "x-expires in queue_arguments, a policy, or an operator): check with `rabbitmqctl "
+            "list_queues` / `list_bindings`, fix it, then re-execute the run."
+        )
+
+    async def _declare_for(self, channel: AbstractChannel, queue: str, task_id: str) -> None:
+        """Declare ``queue`` for a publish, within ``confirm_timeout``."""
+        await self._bounded(
+            self._declare_one(channel, queue),
+            f"RabbitMQ did not answer declaring queue '{queue}' for task {task_id}",
+        )
+
+    async def _publish(
+        self, channel: AbstractChannel, message: Message, queue: str, task_id: str
+    ) -> bool:
+        """Publish mandatory and wait for the confirmation: True once RabbitMQ took the message,
+        False if it returned it unroutable. Raises as :meth:`kick` documents."""
+
+        async def publish() -> object:
+            exchange = await channel.get_exchange(self._exchange.name, ensure=False)
+            return await exchange.publish(message, routing_key=queue, mandatory=True)
+
+        try:
+            result = await self._bounded(
+                publish(), f"RabbitMQ did not confirm task {task_id} on queue '{queue}'"
+            )
+        except PublishError:  # a channel opened with on_return_raises=True
+            return False
+        except DeliveryError as exc:
+            raise ConnectionError(
+                f"RabbitMQ refused task {task_id} for queue '{queue}' ({_frame_name(exc)}): the "
+                "queue is full (x-max-length with x-overflow: reject-publish) or the node could "
+                "not store the message."
+            ) from exc
+        if isinstance(result, Basic.Ack):
+            return True
+        if isinstance(result, DeliveredMessage) and isinstance(result.delivery, Basic.Return):
+            return False
+        raise TaskSubmissionError(
+            f"Task {task_id} for queue '{queue}': RabbitMQ's answer to the publish was "
+            f"{type(result).__name__}, not a confirmation; the publishing channel must have "
+            "publisher confirms on."
+        )
+
+    async def _bounded(self, operation: Awaitable[T], what: str) -> T:
+        """Await ``operation`` for at most ``confirm_timeout`` seconds, else raise the builtin
+        :class:`TimeoutError` (asyncio's is a different class before Python 3.11)."""
+        try:
+            return await asyncio.wait_for(operation, self.confirm_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{what} within {self.confirm_timeout:g} s.") from None
 
     async def waiting(self, queue: str) -> int:
         """Messages waiting in ``queue`` (0 if it was never declared)."""
@@ -243,3 +366,8 @@ class RoutedAioPikaBroker(AioPikaBroker):
         finally:
             if not channel.is_closed:
                 await channel.close()
+
+
+def _frame_name(exc: DeliveryError) -> str:
+    frame = getattr(exc, "frame", None)
+    return f"Basic.{type(frame).__name__}" if frame is not None else type(exc).__name__

@@ -164,8 +164,8 @@ def run_demo(options: DemoOptions) -> int:
 
 def _load(stack: LocalStack, example_dir: Path, fail: bool) -> tuple[Any, Any, dict[str, Any]]:
     from dagster import DagsterInstance
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
-    from dagster._core.instance.ref import InstanceRef
+
+    from dagster_taskiq.compat import InstanceRef, ReconstructableRepository
 
     instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(stack.dagster_home)))
     repository = ReconstructableRepository.for_module(
@@ -181,7 +181,7 @@ def _load(stack: LocalStack, example_dir: Path, fail: bool) -> tuple[Any, Any, d
 
 
 def _create_run(instance: Any, recon_job: Any, run_config: dict[str, Any]) -> tuple[Any, list[str]]:
-    from dagster._core.execution.api import create_execution_plan
+    from dagster_taskiq.compat import create_execution_plan
 
     job_def = recon_job.get_definition()
     plan = create_execution_plan(recon_job, run_config=run_config, instance_ref=instance.get_ref())

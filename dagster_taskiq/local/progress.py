@@ -11,13 +11,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance
-from dagster._core.execution.stats import RunStepKeyStatsSnapshot, StepEventStatus
-from dagster._core.launcher.base import WorkerStatus
-from dagster._core.storage.dagster_run import DagsterRun
 
-from dagster_taskiq import keystore as ks
+from dagster_taskiq.compat import (
+    DagsterRun,
+    RunStepKeyStatsSnapshot,
+    StepEventStatus,
+    WorkerStatus,
+)
 from dagster_taskiq.connection import TaskiqClient
 from dagster_taskiq.launcher import TaskiqRunLauncher
+from dagster_taskiq.lifecycle.records import TaskRecord
+from dagster_taskiq.lifecycle.states import TaskState
 
 RUN_KEY = "__run__"
 _VERBS = {
@@ -73,7 +77,7 @@ class RunWatcher:
         self.run_id = run_id
         self.step_keys = list(step_keys)
         self.echo = echo
-        self.records: dict[str, ks.TaskRecord] = {}
+        self.records: dict[str, TaskRecord] = {}
         self.stats: dict[str, RunStepKeyStatsSnapshot] = {}
         self._started: set[str] = set()
         self._finished: set[str] = set()
@@ -86,7 +90,7 @@ class RunWatcher:
         return len(self._finished)
 
     def _refresh(self) -> None:
-        async def _records(conn: Any) -> dict[str, ks.TaskRecord]:
+        async def _records(conn: Any) -> dict[str, TaskRecord]:
             index = await conn.keystore.run_tasks(self.run_id)
             found = await conn.keystore.get_many(list(index.values()))
             by_id = {record.task_id: record for record in found}
@@ -113,7 +117,7 @@ class RunWatcher:
                 key not in self._started
                 and record is not None
                 and record.worker
-                and record.state != ks.QUEUED
+                and record.state != TaskState.QUEUED
             ):
                 self._started.add(key)
                 self.echo(

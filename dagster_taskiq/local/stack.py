@@ -21,7 +21,6 @@ import click
 import redis
 import yaml
 
-from dagster_taskiq import keystore as ks
 from dagster_taskiq.config import (
     BACKEND_ENV,
     BROKER_ENV,
@@ -33,6 +32,7 @@ from dagster_taskiq.config import (
 )
 from dagster_taskiq.connection import TaskiqClient
 from dagster_taskiq.embedded import EmbeddedRedis
+from dagster_taskiq.lifecycle.records import WorkerInfo
 from dagster_taskiq.local.processes import ManagedProcess
 
 #: Where the demo looks for a Redis that is already running when no broker is configured.
@@ -46,9 +46,7 @@ def read_config_yaml(path: str | None) -> dict[str, Any]:
     """
     if not path:
         return {}
-    from dagster._config import process_config
-    from dagster._config.field import Field
-
+    from dagster_taskiq.compat import Field, process_config
     from dagster_taskiq.executor import executor_config_schema
 
     try:
@@ -314,11 +312,11 @@ class LocalStack:
         self.workers[name] = process
         return process
 
-    def live_workers(self) -> list[ks.WorkerInfo]:
+    def live_workers(self) -> list[WorkerInfo]:
         """Live workers of this stack's broker, as the key store lists them."""
         return list(self.client.run(lambda conn: conn.keystore.list_workers()))
 
-    def wait_for_workers(self, timeout: float = 60.0) -> list[ks.WorkerInfo]:
+    def wait_for_workers(self, timeout: float = 60.0) -> list[WorkerInfo]:
         """Wait until every started worker has registered; raise if one exits or time runs out."""
         deadline = time.monotonic() + timeout
         wanted = set(self.workers)

@@ -11,17 +11,20 @@ from collections.abc import Callable, Iterator
 from typing import cast
 
 from dagster import DagsterInstance, DagsterRunStatus, MetadataValue
-from dagster._cli.api import verify_step
-from dagster._core.events import DagsterEvent, EngineEventData
-from dagster._core.execution.api import execute_plan_iterator
-from dagster._core.execution.context_creation_job import create_context_free_log_manager
-from dagster._core.execution.plan.state import KnownExecutionState
-from dagster._core.origin import JobPythonOrigin
-from dagster._core.storage.dagster_run import DagsterRun
-from dagster._grpc.impl import core_execute_run
-from dagster._grpc.types import ExecuteStepArgs
-from dagster._utils.error import serializable_error_info_from_exc_info
 
+from dagster_taskiq.compat import (
+    DagsterEvent,
+    DagsterRun,
+    EngineEventData,
+    ExecuteStepArgs,
+    JobPythonOrigin,
+    KnownExecutionState,
+    core_execute_run,
+    create_context_free_log_manager,
+    execute_plan_iterator,
+    serializable_error_info_from_exc_info,
+    verify_step,
+)
 from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome
 from dagster_taskiq.worker.warm import WarmCache
 
@@ -54,12 +57,18 @@ def run_step(
             message=f"Run {args.run_id} does not exist in the worker's Dagster instance; step "
             f"'{payload.step_key}' was not run. Check that workers share the instance storage.",
         )
+    ended = False
     try:
         for event in _step_events(args, instance, dagster_run, payload.step_key, cache):
-            if step_done is not None and (
-                event.is_step_success or event.is_step_failure or event.is_step_up_for_retry
+            if (
+                event.is_step_success
+                or event.is_step_failure
+                or event.is_step_up_for_retry
+                or event.is_step_skipped
             ):
-                step_done()
+                ended = True
+                if step_done is not None:
+                    step_done()
     except BaseException:
         error = serializable_error_info_from_exc_info(sys.exc_info())
         return TaskOutcome(
@@ -69,6 +78,18 @@ def run_step(
             message=f"Step '{payload.step_key}' of run {args.run_id} raised a framework error on "
             f"worker {worker}: {error.message.strip()}",
             error=error,
+        )
+    if not ended:
+        # Dagster refused to start the step (say, a resumed run sent a step whose earlier attempt
+        # had already started), or the run was canceled: the step has no outcome event, so the
+        # task must not read as a success, or the run would wait for that event forever.
+        return TaskOutcome(
+            status="failure",
+            worker=worker,
+            exit_code=0,
+            message=f"Step '{payload.step_key}' of run {args.run_id} did not run on worker "
+            f"{worker}: Dagster refused to start it (an earlier attempt of it had already "
+            "started, or the run is ending). See the run's engine events for the reason.",
         )
     return TaskOutcome(status="success", worker=worker, exit_code=0)
 

@@ -17,9 +17,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
-from dagster._serdes import deserialize_value, serialize_value
-
+from dagster_taskiq.compat import deserialize_value, serialize_value
 from dagster_taskiq.payloads import TaskOutcome
+from dagster_taskiq.worker.fence import LeaseClock
 
 logger = logging.getLogger("dagster_taskiq.worker")
 _PR_SET_PDEATHSIG = 1
@@ -161,12 +161,14 @@ def fork_child(
     body: Callable[[Callable[[], None]], TaskOutcome],
     after_fork: Callable[[], None],
     before_exit: Callable[[], None] | None = None,
+    lease_clock: LeaseClock | None = None,
 ) -> ChildProcess:
     """Fork and run ``body`` in the child. Returns the parent's handle on the child.
 
     ``body`` gets a ``step_done()`` function to call once the task's outcome is recorded (in the
     event log) but before the child's teardown; calling it again does nothing. In the child,
-    ``after_fork`` runs before ``body`` and ``before_exit`` (errors logged) after it.
+    ``after_fork`` runs before ``body`` and ``before_exit`` (errors logged) after it. With a
+    ``lease_clock``, the child stops itself when the lease deadlines it holds pass.
     """
     parent_pid = os.getpid()
     read_fd, write_fd = os.pipe()
@@ -187,6 +189,8 @@ def fork_child(
             _die_with_parent(parent_pid)
             _reset_signals_in_child()
             _forget_parent_loop()
+            if lease_clock is not None:
+                lease_clock.watch()
             after_fork()
             outcome = body(step_done)
             code = outcome.exit_code if outcome.exit_code is not None else 0

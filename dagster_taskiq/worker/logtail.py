@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
-from dagster._core.execution import compute_logs
+from dagster_taskiq.compat import compute_logs
 
 #: How often a mirroring thread looks for new bytes in its capture file.
 MIRROR_INTERVAL_SECONDS = 0.1

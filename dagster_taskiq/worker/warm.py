@@ -26,19 +26,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from dagster import DagsterInstance, JobDefinition
-from dagster._core.definitions.reconstruct import ReconstructableJob
-from dagster._core.definitions.repository_definition import RepositoryLoadData
-from dagster._core.execution.api import create_execution_plan
-from dagster._core.execution.plan.plan import ExecutionPlan
-from dagster._core.execution.plan.state import KnownExecutionState
-from dagster._core.instance.ref import InstanceRef
-from dagster._core.origin import JobPythonOrigin
-from dagster._core.storage.dagster_run import DagsterRun
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-from dagster._core.system_config.objects import ResolvedRunConfig
-from dagster._serdes import serialize_value
-from dagster._utils.hosted_user_process import recon_job_from_origin
 
+from dagster_taskiq.compat import (
+    DagsterRun,
+    ExecutionPlan,
+    InstanceRef,
+    JobPythonOrigin,
+    KnownExecutionState,
+    ReconstructableJob,
+    RepositoryLoadData,
+    ResolvedRunConfig,
+    SqliteEventLogStorage,
+    create_execution_plan,
+    recon_job_from_origin,
+    serialize_value,
+)
 from dagster_taskiq.storage_connections import (
     close_sqlite_connections,
     keep_sqlite_connections_open,

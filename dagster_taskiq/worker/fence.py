@@ -1,0 +1,59 @@
+"""Self-fencing: a lease deadline a worker shares with the task process it forked.
+
+The worker writes two ``time.monotonic()`` deadlines (SIGTERM at, SIGKILL at) into an anonymous
+shared mapping each time it renews the task's lease; the forked process runs a watchdog thread
+that signals itself when a deadline passes. ``CLOCK_MONOTONIC`` is system-wide, so both processes
+read the same clock. A worker whose event loop stalls (a long GC pause, a blocked call) therefore
+cannot keep its step running past its lease: the step stops itself. See
+:mod:`dagster_taskiq.lifecycle.lease` for the timings.
+"""
+
+import mmap
+import os
+import signal
+import struct
+import threading
+import time
+
+_FORMAT = "dd"
+#: How often the watchdog in the task process looks at its deadlines.
+WATCH_INTERVAL = 0.1
+
+
+class LeaseClock:
+    """Two shared deadlines (monotonic seconds): when the task process must stop, and die."""
+
+    def __init__(self, term_at: float = float("inf"), kill_at: float = float("inf")) -> None:
+        self._map = mmap.mmap(-1, struct.calcsize(_FORMAT))
+        self.set(term_at, kill_at)
+
+    def set(self, term_at: float, kill_at: float) -> None:
+        """Move both deadlines (the worker calls this after each good renewal)."""
+        struct.pack_into(_FORMAT, self._map, 0, term_at, kill_at)
+
+    def read(self) -> tuple[float, float]:
+        """The current (term_at, kill_at)."""
+        term_at, kill_at = struct.unpack_from(_FORMAT, self._map, 0)
+        return float(term_at), float(kill_at)
+
+    def watch(self) -> None:
+        """In the task process: start a daemon thread that enforces the deadlines on itself."""
+        thread = threading.Thread(target=self._watch, name="dagster-taskiq-fence", daemon=True)
+        thread.start()
+
+    def _watch(self) -> None:
+        termed = False
+        pid = os.getpid()
+        while True:
+            term_at, kill_at = self.read()
+            now = time.monotonic()
+            if now >= kill_at:
+                os.kill(pid, signal.SIGKILL)
+            if now >= term_at and not termed:
+                termed = True
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(WATCH_INTERVAL)
+
+    def close(self) -> None:
+        """Release the mapping (in the worker, once the task process has exited)."""
+        self._map.close()

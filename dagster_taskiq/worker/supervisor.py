@@ -1,0 +1,322 @@
+"""The supervisor: forks each task's process, enforces its lease, and finishes the task.
+
+It owns the worker's task processes. For each one it keeps the fencing token of the claim, the
+send time of the last lease renewal that succeeded, and a :class:`LeaseClock` shared with the
+process. A lease that cannot be renewed in time (Redis cut off, the lease expired, the claim
+taken over) stops the process before anyone else may start the task; a revocation stops it too.
+When the process exits, the task is finished with its fence: a worker that lost its claim cannot
+overwrite what happened since.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from dagster_taskiq.cancellation import cancel_unfinished_run
+from dagster_taskiq.compat import DagsterRun
+from dagster_taskiq.connection import TaskiqConnection
+from dagster_taskiq.lifecycle.lease import LeasePolicy
+from dagster_taskiq.lifecycle.records import TaskRecord
+from dagster_taskiq.lifecycle.retry import retrying
+from dagster_taskiq.lifecycle.states import Outcome, TaskKind, TaskState
+from dagster_taskiq.lifecycle.store import Transition, Verdict
+from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome, encode
+from dagster_taskiq.worker.bodies import BAD_MESSAGE, run_step, run_whole_run
+from dagster_taskiq.worker.child import ChildProcess, fork_child
+from dagster_taskiq.worker.deadletters import dead_letter
+from dagster_taskiq.worker.fence import LeaseClock
+from dagster_taskiq.worker.options import WorkerOptions, describe_exit
+from dagster_taskiq.worker.warm import WarmCache
+
+logger = logging.getLogger("dagster_taskiq.worker")
+
+#: Seconds between SIGTERM and SIGKILL when a running task is revoked or the worker stops.
+REVOKE_GRACE_SECONDS = 3.0
+#: How often the supervisor checks its processes' deadlines.
+FENCE_CHECK_INTERVAL = 0.1
+
+
+@dataclasses.dataclass
+class Held:
+    """A task whose process this worker runs."""
+
+    record: TaskRecord
+    fence: int
+    policy: LeasePolicy
+    child: ChildProcess
+    clock: LeaseClock
+    started: float
+    #: ``time.monotonic()`` at which the last successful renewal (or the start) was sent.
+    renewed_at: float
+    kill_at: float | None = None
+    revoked: bool = False
+    interrupted: bool = False
+    #: Set when the lease could not be kept: the process is stopped, the task ends ``lost``.
+    lost: bool = False
+    termed: bool = False
+
+    def move_deadlines(self, renewed_at: float) -> None:
+        """A renewal sent at ``renewed_at`` succeeded: push the fencing deadlines."""
+        self.renewed_at = max(self.renewed_at, renewed_at)
+        self.clock.set(
+            self.renewed_at + self.policy.term_after, self.renewed_at + self.policy.kill_after
+        )
+
+
+class Supervisor:
+    """Runs task processes and finishes their tasks. One per worker."""
+
+    def __init__(
+        self,
+        conn: TaskiqConnection,
+        options: WorkerOptions,
+        cache: WarmCache,
+        slots: asyncio.Semaphore,
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.conn = conn
+        self.options = options
+        self.cache = cache
+        self.slots = slots
+        self.stopping = stopping
+        self.running: dict[str, Held] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # -- starting ----------------------------------------------------------------------------
+    def launch(
+        self,
+        record: TaskRecord,
+        fence: int,
+        payload: StepTaskPayload | RunTaskPayload,
+        dagster_run: DagsterRun | None,
+        started_at: float,
+    ) -> None:
+        """Fork the task's process (the caller holds the fork guard) and supervise it.
+
+        ``started_at`` is when the start transition (which took the lease) was sent.
+        """
+        name = self.options.name
+        cache = self.cache
+        if isinstance(payload, StepTaskPayload):
+
+            def body(step_done: Callable[[], None]) -> TaskOutcome:
+                return run_step(payload, name, cache, step_done, dagster_run)
+
+        else:
+
+            def body(step_done: Callable[[], None]) -> TaskOutcome:
+                return run_whole_run(payload, name, cache)
+
+        policy = LeasePolicy(record.heartbeat_timeout)
+        clock = LeaseClock(started_at + policy.term_after, started_at + policy.kill_after)
+        child = fork_child(body, cache.after_fork, cache.before_exit, clock)
+        held = Held(record, fence, policy, child, clock, time.monotonic(), started_at)
+        held.move_deadlines(started_at)
+        self.running[record.task_id] = held
+        logger.info(
+            "Took task %s (%s) from queue '%s' at priority %d; pid %d.",
+            record.task_id,
+            record.what,
+            record.queue,
+            record.priority,
+            child.pid,
+        )
+        task = asyncio.create_task(self._supervise(held, payload))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if record.kind is TaskKind.RUN:
+            # A run process only orchestrates: it gives its slot back at once, so the steps of
+            # the runs a worker holds can always take its slots (no run/step deadlock).
+            self.slots.release()
+
+    # -- leases ------------------------------------------------------------------------------
+    def leases(self) -> dict[str, tuple[int, float]]:
+        """Task id to (fence, heartbeat_timeout) of every lease this worker must renew."""
+        return {
+            task_id: (held.fence, held.policy.heartbeat_timeout)
+            for task_id, held in self.running.items()
+            if not held.lost
+        }
+
+    def renewed(self, task_id: str, transition: Transition, sent_at: float) -> None:
+        """Act on a renewal's result: push the deadlines, or stop a revoked or lost task."""
+        held = self.running.get(task_id)
+        if held is None:
+            return
+        if transition.ok and transition.state is TaskState.RUNNING:
+            held.move_deadlines(sent_at)
+        elif transition.ok and transition.state is TaskState.REVOKING:
+            held.move_deadlines(sent_at)
+            if not held.revoked:
+                logger.info(
+                    "Task %s (%s) was revoked; stopping its process %d.",
+                    task_id,
+                    held.record.what,
+                    held.child.pid,
+                )
+                held.revoked = True
+                self._interrupt(held)
+        elif not held.lost:
+            why = (
+                "its lease expired"
+                if transition.verdict is Verdict.EXPIRED
+                else (f"its claim is gone (the task is {transition.state or 'unknown'})")
+            )
+            logger.warning(
+                "Task %s (%s): %s; stopping its process %d so that it cannot run twice.",
+                task_id,
+                held.record.what,
+                why,
+                held.child.pid,
+            )
+            held.lost = True
+            self._interrupt(held)
+
+    async def enforce(self) -> None:
+        """Stop processes whose lease could not be renewed in time, and kill overdue ones."""
+        while True:
+            now = time.monotonic()
+            for held in list(self.running.values()):
+                if held.kill_at is not None and now >= held.kill_at:
+                    held.child.signal(signal.SIGKILL)
+                if now >= held.renewed_at + held.policy.kill_after:
+                    held.child.signal(signal.SIGKILL)
+                elif now >= held.renewed_at + held.policy.term_after and not held.termed:
+                    logger.warning(
+                        "Could not renew the lease of task %s (%s) for %.1f s; stopping its "
+                        "process %d before the lease can lapse (heartbeat_timeout %g s).",
+                        held.record.task_id,
+                        held.record.what,
+                        now - held.renewed_at,
+                        held.child.pid,
+                        held.policy.heartbeat_timeout,
+                    )
+                    held.lost = True
+                    self._interrupt(held)
+            await asyncio.sleep(FENCE_CHECK_INTERVAL)
+
+    def _interrupt(self, held: Held) -> None:
+        """SIGTERM the process now (Dagster's interrupt) and SIGKILL it after the grace."""
+        if held.termed:
+            return
+        held.termed = True
+        held.child.signal(signal.SIGTERM)
+        grace = min(REVOKE_GRACE_SECONDS, held.policy.kill_after - held.policy.term_after)
+        held.kill_at = time.monotonic() + grace
+
+    def interrupt_all(self) -> None:
+        """Interrupt every running task (the worker is shutting down)."""
+        for held in list(self.running.values()):
+            logger.warning(
+                "Interrupting task %s (%s) because the worker is shutting down.",
+                held.record.task_id,
+                held.record.what,
+            )
+            held.interrupted = True
+            self._interrupt(held)
+
+    def kill_all(self) -> None:
+        """SIGKILL every task process still running."""
+        for held in list(self.running.values()):
+            held.child.signal(signal.SIGKILL)
+
+    # -- finishing ---------------------------------------------------------------------------
+    async def _supervise(self, held: Held, payload: StepTaskPayload | RunTaskPayload) -> None:
+        record = held.record
+        holds_slot = record.kind is not TaskKind.RUN
+        keystore = self.conn.keystore
+        try:
+            exit_code = await held.child.wait(
+                (lambda: keystore.wake_run(record.run_id)) if record.kind is TaskKind.STEP else None
+            )
+            elapsed = time.monotonic() - held.started
+            if holds_slot:
+                # The process is gone: its slot can take the next task meanwhile.
+                holds_slot = False
+                self.slots.release()
+            outcome = self._outcome(held, exit_code)
+            if outcome.status == BAD_MESSAGE:
+                message = await keystore.message(record.task_id) or b""
+                await dead_letter(
+                    self.conn, self.options.name, outcome.message, message, record.task_id
+                )
+                outcome = outcome._replace(status=Outcome.FAILURE.value)
+            if held.revoked and not held.lost and isinstance(payload, RunTaskPayload):
+                # Dagster storage calls block: they run in a thread, never on the loop.
+                instance_ref, run_id, name = payload.instance_ref, payload.run_id, self.options.name
+                await asyncio.to_thread(
+                    lambda: cancel_unfinished_run(
+                        self.cache.run_instance(instance_ref), run_id, name
+                    )
+                )
+            await self._finish(held, outcome, elapsed)
+        finally:
+            self.running.pop(record.task_id, None)
+            held.clock.close()
+            if holds_slot:
+                self.slots.release()
+
+    def _outcome(self, held: Held, exit_code: int) -> TaskOutcome:
+        name = self.options.name
+        outcome = held.child.outcome()
+        if outcome is None:
+            outcome = TaskOutcome(
+                status=Outcome.FAILURE.value,
+                worker=name,
+                exit_code=exit_code,
+                message=f"The process of task {held.record.task_id} ({held.record.what}) on "
+                f"worker {name} {describe_exit(exit_code)} before reporting an outcome.",
+            )
+        if held.lost:
+            return outcome._replace(
+                status=Outcome.LOST.value,
+                message=f"Stopped on worker {name}: it could not keep the task's lease.",
+            )
+        if held.revoked:
+            return outcome._replace(
+                status=Outcome.REVOKED.value,
+                message=f"Revoked while running; {outcome.message}".strip(),
+            )
+        if held.interrupted:
+            return outcome._replace(
+                status=Outcome.FAILURE.value,
+                message=f"Interrupted because worker {name} shut down.",
+            )
+        return outcome
+
+    async def _finish(self, held: Held, outcome: TaskOutcome, elapsed: float) -> None:
+        record = held.record
+        try:
+            status = Outcome(outcome.status)
+        except ValueError:
+            status = Outcome.FAILURE
+        transition = await retrying(
+            f"recording the outcome of task {record.task_id} ({record.what})",
+            lambda: self.conn.keystore.finish(
+                record.task_id,
+                held.fence,
+                status,
+                outcome_json=encode(outcome),
+                result_json=self.conn.result_value(outcome, elapsed),
+            ),
+            timeout=None if not self.stopping() else 30.0,
+        )
+        if not transition.ok:
+            logger.warning(
+                "Task %s (%s) is %s and no longer this worker's; its outcome (%s) is dropped.",
+                record.task_id,
+                record.what,
+                transition.state or "gone",
+                outcome.status,
+            )
+            return
+        logger.info(
+            "Finished task %s (%s): %s in %.2f s.",
+            record.task_id,
+            record.what,
+            transition.state or outcome.status,
+            elapsed,
+        )

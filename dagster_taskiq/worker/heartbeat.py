@@ -2,7 +2,7 @@
 
 They run as separate tasks so that neither can hold up the other: a sweep that waits on a broker
 outage (re-sending a task) never delays a renewal, and every call is bounded by a deadline. The
-supervisor's fencing does not depend on either: it stops a process whose lease was not renewed
+lease guard's fencing does not depend on either: it stops a process whose lease was not renewed
 in time, whatever the reason.
 """
 
@@ -16,9 +16,9 @@ from dagster_taskiq.connection import TaskiqConnection
 from dagster_taskiq.lifecycle.records import WorkerInfo
 from dagster_taskiq.lifecycle.recovery import sweep
 from dagster_taskiq.lifecycle.retry import Backoff, short_error
+from dagster_taskiq.worker.guard import LeaseGuard
 from dagster_taskiq.worker.intake import Intake
 from dagster_taskiq.worker.options import WorkerOptions
-from dagster_taskiq.worker.supervisor import Supervisor
 
 logger = logging.getLogger("dagster_taskiq.worker")
 
@@ -44,7 +44,7 @@ class Heartbeat:
         options: WorkerOptions,
         instance: str,
         info: Callable[[], WorkerInfo],
-        supervisor: Supervisor,
+        guard: LeaseGuard,
         intake: Intake,
         request_stop: Callable[[str], None],
     ) -> None:
@@ -52,7 +52,7 @@ class Heartbeat:
         self.options = options
         self.instance = instance
         self.info = info
-        self.supervisor = supervisor
+        self.guard = guard
         self.intake = intake
         self.request_stop = request_stop
 
@@ -77,9 +77,9 @@ class Heartbeat:
             )
         if beat.shutdown_requested:
             self.request_stop("terminate requested through the CLI")
-        leases = {**self.intake.claims, **self.supervisor.leases()}
+        leases = {**self.intake.claims, **self.guard.leases()}
         for task_id, transition in (await conn.keystore.renew(leases)).items():
-            self.supervisor.renewed(task_id, transition, sent_at)
+            self.guard.renewed(task_id, transition, sent_at)
         if isinstance(conn.broker, RedisPriorityBroker):
             await conn.broker.keep_alive()
 

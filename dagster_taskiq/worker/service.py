@@ -4,7 +4,8 @@ One asyncio loop owns the broker connection, signal handling and these parts:
 
 * :class:`~.consumer.Consumer` pulls a message whenever a slot is free;
 * :class:`~.intake.Intake` validates it, claims its task (fencing token) and starts it;
-* :class:`~.supervisor.Supervisor` forks the task's process, fences it, and finishes the task;
+* :class:`~.supervisor.Supervisor` forks the task's process and finishes the task;
+* :class:`~.guard.LeaseGuard` stops a process before its lease can lapse;
 * :class:`~.heartbeat.Heartbeat` keeps the worker's liveness and its leases fresh;
 * :class:`~.heartbeat.Sweeper` recovers stranded tasks of the whole deployment.
 """
@@ -25,6 +26,7 @@ from dagster_taskiq.errors import DagsterTaskiqError
 from dagster_taskiq.lifecycle.records import WorkerInfo
 from dagster_taskiq.lifecycle.states import WorkerState
 from dagster_taskiq.worker.consumer import SHUTDOWN_STEP_TIMEOUT, Consumer, bounded
+from dagster_taskiq.worker.guard import REVOKE_GRACE_SECONDS, LeaseGuard
 from dagster_taskiq.worker.heartbeat import Heartbeat, Sweeper, WorkerNameTaken
 from dagster_taskiq.worker.intake import Intake
 from dagster_taskiq.worker.options import (
@@ -33,7 +35,7 @@ from dagster_taskiq.worker.options import (
     describe_exit,
     parse_queues,
 )
-from dagster_taskiq.worker.supervisor import REVOKE_GRACE_SECONDS, Supervisor
+from dagster_taskiq.worker.supervisor import Supervisor
 from dagster_taskiq.worker.warm import WarmCache
 
 __all__ = [
@@ -69,6 +71,7 @@ class Worker:
         self.state = WorkerState.STARTING
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
+        self._guard = LeaseGuard()
 
     def request_stop(self, reason: str) -> None:
         """Stop taking tasks; a second request also interrupts running tasks."""
@@ -83,7 +86,7 @@ class Worker:
 
     def info(self) -> WorkerInfo:
         """This worker's liveness record as of now."""
-        running = tuple(self._supervisor.running) if hasattr(self, "_supervisor") else ()
+        running = tuple(self._guard.running)
         return WorkerInfo(
             name=self.options.name,
             host=self.host,
@@ -105,10 +108,11 @@ class Worker:
         )
         slots = asyncio.Semaphore(self.options.concurrency)
         stopping = self._stopping.is_set
-        self._supervisor = supervisor = Supervisor(conn, self.options, self.cache, slots, stopping)
+        guard = self._guard
+        supervisor = Supervisor(conn, self.options, self.cache, slots, stopping, guard)
         intake = Intake(conn, self.options, self.instance, self.cache, supervisor, stopping)
         heartbeat = Heartbeat(
-            conn, self.options, self.instance, self.info, supervisor, intake, self.request_stop
+            conn, self.options, self.instance, self.info, guard, intake, self.request_stop
         )
         await conn.start()
         try:
@@ -128,7 +132,7 @@ class Worker:
         background = [
             asyncio.create_task(heartbeat.run()),
             asyncio.create_task(Sweeper(conn).run()),
-            asyncio.create_task(supervisor.enforce()),
+            asyncio.create_task(guard.enforce()),
         ]
         logger.info(
             "Worker %s ready: queues %s, concurrency %d, %s.",
@@ -168,16 +172,16 @@ class Worker:
     async def _drain(self, supervisor: Supervisor) -> None:
         if not supervisor.tasks:
             return
-        logger.info("Waiting for %d running task(s) to finish.", len(supervisor.running))
+        logger.info("Waiting for %d running task(s) to finish.", len(self._guard.running))
         force = asyncio.ensure_future(self._force.wait())
         pending = asyncio.ensure_future(asyncio.wait(set(supervisor.tasks)))
         done, _ = await asyncio.wait(
             {force, pending}, timeout=self.options.shutdown_timeout, return_when="FIRST_COMPLETED"
         )
         if pending not in done:
-            supervisor.interrupt_all()
+            self._guard.interrupt_all()
             await asyncio.wait({pending}, timeout=REVOKE_GRACE_SECONDS + 2)
-            supervisor.kill_all()
+            self._guard.kill_all()
             await pending
         force.cancel()
 

@@ -1,17 +1,12 @@
-"""The supervisor: forks each task's process, enforces its lease, and finishes the task.
+"""The supervisor: forks each task's process, hands it to the lease guard, and finishes the task.
 
-It owns the worker's task processes. For each one it keeps the fencing token of the claim, the
-send time of the last lease renewal that succeeded, and a :class:`LeaseClock` shared with the
-process. A lease that cannot be renewed in time (Redis cut off, the lease expired, the claim
-taken over) stops the process before anyone else may start the task; a revocation stops it too.
-When the process exits, the task is finished with its fence: a worker that lost its claim cannot
+While the process runs, the :class:`~.guard.LeaseGuard` keeps it inside its lease. When the
+process exits, the task is finished with its fence: a worker that lost its claim cannot
 overwrite what happened since.
 """
 
 import asyncio
-import dataclasses
 import logging
-import signal
 import time
 from collections.abc import Callable
 
@@ -21,50 +16,17 @@ from dagster_taskiq.connection import TaskiqConnection
 from dagster_taskiq.lifecycle.lease import LeasePolicy
 from dagster_taskiq.lifecycle.records import TaskRecord
 from dagster_taskiq.lifecycle.retry import retrying
-from dagster_taskiq.lifecycle.states import Outcome, TaskKind, TaskState
-from dagster_taskiq.lifecycle.store import Transition, Verdict
+from dagster_taskiq.lifecycle.states import Outcome, TaskKind
 from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome, encode
 from dagster_taskiq.worker.bodies import BAD_MESSAGE, run_step, run_whole_run
-from dagster_taskiq.worker.child import ChildProcess, fork_child
+from dagster_taskiq.worker.child import fork_child
 from dagster_taskiq.worker.deadletters import dead_letter
 from dagster_taskiq.worker.fence import LeaseClock
+from dagster_taskiq.worker.guard import Held, LeaseGuard
 from dagster_taskiq.worker.options import WorkerOptions, describe_exit
 from dagster_taskiq.worker.warm import WarmCache
 
 logger = logging.getLogger("dagster_taskiq.worker")
-
-#: Seconds between SIGTERM and SIGKILL when a running task is revoked or the worker stops.
-REVOKE_GRACE_SECONDS = 3.0
-#: How often the supervisor checks its processes' deadlines.
-FENCE_CHECK_INTERVAL = 0.1
-
-
-@dataclasses.dataclass
-class Held:
-    """A task whose process this worker runs."""
-
-    record: TaskRecord
-    fence: int
-    policy: LeasePolicy
-    child: ChildProcess
-    clock: LeaseClock
-    started: float
-    #: ``time.monotonic()`` at which the last successful renewal (or the start) was sent.
-    renewed_at: float
-    kill_at: float | None = None
-    revoked: bool = False
-    interrupted: bool = False
-    #: Set when the lease could not be kept: the process is stopped, the task ends ``lost``.
-    lost: bool = False
-    termed: bool = False
-
-    def move_deadlines(self, renewed_at: float) -> None:
-        """A renewal sent at ``renewed_at`` succeeded: push the fencing deadlines."""
-        self.renewed_at = max(self.renewed_at, renewed_at)
-        self.clock.set(
-            self.renewed_at + self.policy.term_after, self.renewed_at + self.policy.kill_after
-        )
-
 
 class Supervisor:
     """Runs task processes and finishes their tasks. One per worker."""
@@ -76,13 +38,14 @@ class Supervisor:
         cache: WarmCache,
         slots: asyncio.Semaphore,
         stopping: Callable[[], bool],
+        guard: LeaseGuard,
     ) -> None:
         self.conn = conn
         self.options = options
         self.cache = cache
         self.slots = slots
         self.stopping = stopping
-        self.running: dict[str, Held] = {}
+        self.guard = guard
         self.tasks: set[asyncio.Task[None]] = set()
 
     # -- starting ----------------------------------------------------------------------------
@@ -114,8 +77,7 @@ class Supervisor:
         clock = LeaseClock(started_at + policy.term_after, started_at + policy.kill_after)
         child = fork_child(body, cache.after_fork, cache.before_exit, clock)
         held = Held(record, fence, policy, child, clock, time.monotonic(), started_at)
-        held.move_deadlines(started_at)
-        self.running[record.task_id] = held
+        self.guard.hold(held)
         logger.info(
             "Took task %s (%s) from queue '%s' at priority %d; pid %d.",
             record.task_id,
@@ -131,97 +93,6 @@ class Supervisor:
             # A run process only orchestrates: it gives its slot back at once, so the steps of
             # the runs a worker holds can always take its slots (no run/step deadlock).
             self.slots.release()
-
-    # -- leases ------------------------------------------------------------------------------
-    def leases(self) -> dict[str, tuple[int, float]]:
-        """Task id to (fence, heartbeat_timeout) of every lease this worker must renew."""
-        return {
-            task_id: (held.fence, held.policy.heartbeat_timeout)
-            for task_id, held in self.running.items()
-            if not held.lost
-        }
-
-    def renewed(self, task_id: str, transition: Transition, sent_at: float) -> None:
-        """Act on a renewal's result: push the deadlines, or stop a revoked or lost task."""
-        held = self.running.get(task_id)
-        if held is None:
-            return
-        if transition.ok and transition.state is TaskState.RUNNING:
-            held.move_deadlines(sent_at)
-        elif transition.ok and transition.state is TaskState.REVOKING:
-            held.move_deadlines(sent_at)
-            if not held.revoked:
-                logger.info(
-                    "Task %s (%s) was revoked; stopping its process %d.",
-                    task_id,
-                    held.record.what,
-                    held.child.pid,
-                )
-                held.revoked = True
-                self._interrupt(held)
-        elif not held.lost:
-            why = (
-                "its lease expired"
-                if transition.verdict is Verdict.EXPIRED
-                else (f"its claim is gone (the task is {transition.state or 'unknown'})")
-            )
-            logger.warning(
-                "Task %s (%s): %s; stopping its process %d so that it cannot run twice.",
-                task_id,
-                held.record.what,
-                why,
-                held.child.pid,
-            )
-            held.lost = True
-            self._interrupt(held)
-
-    async def enforce(self) -> None:
-        """Stop processes whose lease could not be renewed in time, and kill overdue ones."""
-        while True:
-            now = time.monotonic()
-            for held in list(self.running.values()):
-                if held.kill_at is not None and now >= held.kill_at:
-                    held.child.signal(signal.SIGKILL)
-                if now >= held.renewed_at + held.policy.kill_after:
-                    held.child.signal(signal.SIGKILL)
-                elif now >= held.renewed_at + held.policy.term_after and not held.termed:
-                    logger.warning(
-                        "Could not renew the lease of task %s (%s) for %.1f s; stopping its "
-                        "process %d before the lease can lapse (heartbeat_timeout %g s).",
-                        held.record.task_id,
-                        held.record.what,
-                        now - held.renewed_at,
-                        held.child.pid,
-                        held.policy.heartbeat_timeout,
-                    )
-                    held.lost = True
-                    self._interrupt(held)
-            await asyncio.sleep(FENCE_CHECK_INTERVAL)
-
-    def _interrupt(self, held: Held) -> None:
-        """SIGTERM the process now (Dagster's interrupt) and SIGKILL it after the grace."""
-        if held.termed:
-            return
-        held.termed = True
-        held.child.signal(signal.SIGTERM)
-        grace = min(REVOKE_GRACE_SECONDS, held.policy.kill_after - held.policy.term_after)
-        held.kill_at = time.monotonic() + grace
-
-    def interrupt_all(self) -> None:
-        """Interrupt every running task (the worker is shutting down)."""
-        for held in list(self.running.values()):
-            logger.warning(
-                "Interrupting task %s (%s) because the worker is shutting down.",
-                held.record.task_id,
-                held.record.what,
-            )
-            held.interrupted = True
-            self._interrupt(held)
-
-    def kill_all(self) -> None:
-        """SIGKILL every task process still running."""
-        for held in list(self.running.values()):
-            held.child.signal(signal.SIGKILL)
 
     # -- finishing ---------------------------------------------------------------------------
     async def _supervise(self, held: Held, payload: StepTaskPayload | RunTaskPayload) -> None:
@@ -254,8 +125,7 @@ class Supervisor:
                 )
             await self._finish(held, outcome, elapsed)
         finally:
-            self.running.pop(record.task_id, None)
-            held.clock.close()
+            self.guard.release(held)
             if holds_slot:
                 self.slots.release()
 

@@ -9,6 +9,7 @@ from dagster import DagsterInstance
 
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq_tests.harness import WorkerPool, isolated_settings
+from dagster_taskiq_tests.private_brokers import PrivateRedis
 from dagster_taskiq_tests.services import AMQP_URL, REDIS_URL, require
 
 
@@ -95,3 +96,13 @@ def _no_logging_reconfiguration_per_run() -> Iterator[None]:
         yield
     finally:
         EventMethods.get_yaml_python_handlers = original  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of this test's own (it may be paused, and its command counts are ours)."""
+    server = PrivateRedis(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

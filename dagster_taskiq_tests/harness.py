@@ -117,17 +117,25 @@ class WorkerProcess:
     def start(self, wait: bool = True) -> "WorkerProcess":
         """Start the process; with ``wait``, return once it has registered its heartbeat."""
         self.config_path.write_text(yaml.safe_dump(executor_config(self.settings)))
-        env = dict(os.environ)
-        env["DAGSTER_HOME"] = str(self.dagster_home)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-        env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT)
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                cwd=str(REPO_ROOT),
             )
         if wait:
             self.wait_registered()
         return self
+
+    def environment(self) -> dict[str, str]:
+        """The worker process's environment: this one's, with the test's Dagster home."""
+        env = dict(os.environ)
+        env["DAGSTER_HOME"] = str(self.dagster_home)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
 
     def wait_registered(self, timeout: float = 60.0) -> None:
         """Wait until this worker's liveness record exists."""

@@ -87,21 +87,11 @@ class ChaosWorker(WorkerProcess):
         #: Set when the test stops or kills the worker (any other exit is reported).
         self.ended_by_test = False
 
-    def start(self, wait: bool = True) -> "ChaosWorker":
-        self.config_path.write_text(yaml.safe_dump(executor_config(self.settings)))
-        env = dict(os.environ)
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         env.update(self.extra_env)
         env[WORKER_ENV] = self.name
-        env["DAGSTER_HOME"] = str(self.dagster_home)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT)
-            )
-        if wait:
-            self.wait_registered()
-        return self
+        return env
 
     def kill(self) -> None:
         self.ended_by_test = True
@@ -487,15 +477,6 @@ def test_worker_killed(chaos: Chaos, window: str) -> None:
 
 
 # -- Redis paused (SIGSTOP) ------------------------------------------------------------------
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def paused_chaos(
     request: pytest.FixtureRequest,

@@ -5,17 +5,16 @@ workers' sweeper all call :func:`assess`; :mod:`.recovery` carries out the actio
 """
 
 import dataclasses
-import enum
 import time
 
 from dagster_taskiq.errors import BadMessageError
 from dagster_taskiq.lifecycle.lease import LeasePolicy
 from dagster_taskiq.lifecycle.records import TaskRecord
-from dagster_taskiq.lifecycle.states import Outcome, TaskState
+from dagster_taskiq.lifecycle.states import Outcome, TaskState, TextEnum
 from dagster_taskiq.payloads import TaskOutcome, decode_outcome
 
 
-class Health(str, enum.Enum):
+class Health(TextEnum):
     """What a task's record says about the work it stands for."""
 
     WAITING = "waiting"
@@ -31,11 +30,8 @@ class Health(str, enum.Enum):
         """Whether the task is on course: waiting, starting, running or succeeded."""
         return self in (Health.WAITING, Health.STARTING, Health.RUNNING, Health.SUCCEEDED)
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Action(str, enum.Enum):
+class Action(TextEnum):
     """What must be done to keep a task from being stranded."""
 
     NONE = "none"
@@ -49,9 +45,6 @@ class Action(str, enum.Enum):
     MARK_LOST = "mark_lost"
     #: Finished: nothing to watch any more.
     FORGET = "forget"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,17 @@ are final: nothing moves a task out of them.
 import enum
 
 
-class TaskState(str, enum.Enum):
+class TextEnum(str, enum.Enum):
+    """An enum whose members are their stored text: ``str(member)`` is the value.
+
+    (``enum.StrEnum`` does this from Python 3.11; this package supports 3.10.)
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class TaskState(TextEnum):
     """Where a task is in its lifecycle (stored in the task record's ``state`` field)."""
 
     QUEUED = "queued"
@@ -36,24 +46,18 @@ class TaskState(str, enum.Enum):
         """Whether a worker holds the task's lease (its process runs, or is being stopped)."""
         return self in (TaskState.RUNNING, TaskState.REVOKING)
 
-    def __str__(self) -> str:
-        return self.value
-
 
 FINAL_STATES = frozenset({TaskState.DONE, TaskState.REVOKED, TaskState.LOST})
 
 
-class TaskKind(str, enum.Enum):
+class TaskKind(TextEnum):
     """What a task runs: one step of a run, or a whole run (the run launcher's tasks)."""
 
     STEP = "step"
     RUN = "run"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Outcome(str, enum.Enum):
+class Outcome(TextEnum):
     """How a task ended, as its worker reports it (the ``status`` of a finished task)."""
 
     SUCCESS = "success"
@@ -77,11 +81,8 @@ class Outcome(str, enum.Enum):
             return TaskState.LOST
         return TaskState.DONE
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class WorkerState(str, enum.Enum):
+class WorkerState(TextEnum):
     """What a worker is doing, as it reports in its liveness record."""
 
     STARTING = "starting"
@@ -89,11 +90,8 @@ class WorkerState(str, enum.Enum):
     DRAINING = "draining"
     STOPPED = "stopped"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ClaimResult(str, enum.Enum):
+class ClaimResult(TextEnum):
     """What a claim attempt found."""
 
     CLAIMED = "claimed"
@@ -101,6 +99,3 @@ class ClaimResult(str, enum.Enum):
     REVOKED = "revoked"
     DUPLICATE = "duplicate"
     MISMATCH = "mismatch"
-
-    def __str__(self) -> str:
-        return self.value

@@ -6,7 +6,6 @@ when to call it, and :func:`dagster_taskiq.lifecycle.health.assess` decides what
 """
 
 import dataclasses
-import enum
 import hashlib
 import json
 import time
@@ -19,7 +18,7 @@ from dagster_taskiq.lifecycle import scripts
 from dagster_taskiq.lifecycle.keys import RUN_TASK_INDEX_FIELD, KeySpace
 from dagster_taskiq.lifecycle.lease import LeasePolicy
 from dagster_taskiq.lifecycle.records import TaskRecord, WorkerInfo
-from dagster_taskiq.lifecycle.states import ClaimResult, Outcome, TaskKind, TaskState
+from dagster_taskiq.lifecycle.states import ClaimResult, Outcome, TaskKind, TaskState, TextEnum
 
 #: Seconds a worker's run index and wake list outlive ``result_ttl`` while a step runs.
 _WAKE_TTL = 3600
@@ -34,7 +33,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class Verdict(str, enum.Enum):
+class Verdict(TextEnum):
     """What a fenced transition (start, renew, finish) did."""
 
     #: It applied: the caller holds the current fence.

@@ -117,6 +117,11 @@ def resumable_job() -> None:
     hang_first_time()
 
 
+@job(executor_def=taskiq_executor)
+def stepped_resumable_job() -> None:
+    hang_first_time()
+
+
 @op
 def first_step() -> int:
     return 1
@@ -154,6 +159,7 @@ defs = Definitions(
         looping_job,
         stubborn_job,
         resumable_job,
+        stepped_resumable_job,
         stepped_job,
         stepped_looping_job,
     ]

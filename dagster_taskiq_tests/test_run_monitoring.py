@@ -200,6 +200,59 @@ def test_killed_worker_run_resumes_on_a_second_worker(env: LauncherEnv, tmp_path
     assert successes == ["hang_first_time"]
 
 
+def test_resumed_run_whose_step_died_with_the_worker_ends(
+    env: LauncherEnv, tmp_path: Path
+) -> None:
+    """``kill -9`` of the one worker that runs both a run and its step (the default layout: one
+    queue). The resumed run sends the step again; Dagster refuses to start an attempt whose
+    STEP_START exists, and that must read as a failed step, so the run ends instead of staying
+    STARTED forever."""
+    queue = f"{env.settings.default_queue}-resume-steps"
+    first = env.workers.start(queues=[queue], concurrency=2)
+    marker = tmp_path / "step-hung-once.txt"
+    run_config = {
+        "execution": {"config": {"default_queue": queue, "heartbeat_timeout": HEARTBEAT_TIMEOUT}},
+        "ops": {"hang_first_time": {"config": {"path": str(marker)}}},
+    }
+    run_id = env.launch("stepped_resumable_job", run_config, tags={QUEUE_TAG: queue})
+    step_pid = _started(marker)
+    first_step_task = env.run_tasks(run_id)["hang_first_time"]
+    first.kill()
+    wait_for(lambda: not _alive(step_pid), 10, what="the step process to die with its worker")
+    second = env.workers.start(queues=[queue], concurrency=2, wait=False)
+
+    home = write_home(
+        tmp_path / "resume_home",
+        env.settings,
+        sqlite_storage(env.home / "storage"),
+        max_resume_run_attempts=1,
+    )
+    with ExitStack() as stack:
+        instance = stack.enter_context(DagsterInstance.from_config(str(home)))
+        context = stack.enter_context(workspace_context(instance))
+
+        def _resumed() -> bool:
+            env.monitor_once(context)
+            return any(RESUME_RUN_LOG_MESSAGE in e.message for e in env.events(run_id))
+
+        wait_for(_resumed, 30, interval=0.25, what="run monitoring to resume the run")
+    second.wait_registered()
+    run = env.wait_status(run_id, timeout=90)
+    # The step's first attempt started and never ended: with no retry policy the run fails,
+    # naming the step, rather than reporting a success that never happened.
+    assert run.status == DagsterRunStatus.FAILURE, env.describe(run_id)
+    types = env.event_types(run_id)
+    assert DagsterEventType.STEP_SUCCESS not in types, env.describe(run_id)
+    failures = [
+        e for e in env.events(run_id) if e.dagster_event_type == DagsterEventType.STEP_FAILURE
+    ]
+    assert [e.step_key for e in failures] == ["hang_first_time"], env.describe(run_id)
+    # Nothing is left in flight: every task of the run, old and new, is in a final state.
+    assert env.record(first_step_task).state.is_final
+    for task_id in env.run_tasks(run_id).values():
+        wait_for(lambda t=task_id: env.record(t).state.is_final, 30, what=f"task {task_id} final")
+
+
 def test_twenty_runs_launched_at_once_all_succeed(
     env: LauncherEnv, main_worker: WorkerProcess
 ) -> None:

@@ -66,6 +66,9 @@ class Outcome(TextEnum):
     REVOKED = "revoked"
     LOST = "lost"
     DEAD_LETTER = "dead_letter"
+    #: Reported by a task process that could not decode its payload; its worker dead-letters
+    #: the message and records the task as a ``FAILURE`` (this status is never stored).
+    BAD_MESSAGE = "bad_message"
 
     @property
     def is_success(self) -> bool:

@@ -25,10 +25,9 @@ from dagster_taskiq.compat import (
     serializable_error_info_from_exc_info,
     verify_step,
 )
+from dagster_taskiq.lifecycle.states import Outcome
 from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome
 from dagster_taskiq.worker.warm import WarmCache
-
-BAD_MESSAGE = "bad_message"
 
 
 def run_step(
@@ -51,7 +50,7 @@ def run_step(
         dagster_run = instance.get_run_by_id(args.run_id)
     if dagster_run is None:
         return TaskOutcome(
-            status=BAD_MESSAGE,
+            status=Outcome.BAD_MESSAGE.value,
             worker=worker,
             exit_code=None,
             message=f"Run {args.run_id} does not exist in the worker's Dagster instance; step "
@@ -72,7 +71,7 @@ def run_step(
     except BaseException:
         error = serializable_error_info_from_exc_info(sys.exc_info())
         return TaskOutcome(
-            status="failure",
+            status=Outcome.FAILURE.value,
             worker=worker,
             exit_code=1,
             message=f"Step '{payload.step_key}' of run {args.run_id} raised a framework error on "
@@ -84,14 +83,14 @@ def run_step(
         # had already started), or the run was canceled: the step has no outcome event, so the
         # task must not read as a success, or the run would wait for that event forever.
         return TaskOutcome(
-            status="failure",
+            status=Outcome.FAILURE.value,
             worker=worker,
             exit_code=0,
             message=f"Step '{payload.step_key}' of run {args.run_id} did not run on worker "
             f"{worker}: Dagster refused to start it (an earlier attempt of it had already "
             "started, or the run is ending). See the run's engine events for the reason.",
         )
-    return TaskOutcome(status="success", worker=worker, exit_code=0)
+    return TaskOutcome(status=Outcome.SUCCESS.value, worker=worker, exit_code=0)
 
 
 def _step_events(
@@ -147,14 +146,14 @@ def run_whole_run(payload: RunTaskPayload, worker: str, cache: WarmCache) -> Tas
     dagster_run = instance.get_run_by_id(payload.run_id)
     if dagster_run is None:
         return TaskOutcome(
-            status=BAD_MESSAGE,
+            status=Outcome.BAD_MESSAGE.value,
             worker=worker,
             message=f"Run {payload.run_id} does not exist in the worker's Dagster instance. "
             "Point the worker's DAGSTER_HOME at the same instance as the webserver and daemon.",
         )
     if dagster_run.is_finished:
         return TaskOutcome(
-            status="skipped",
+            status=Outcome.SKIPPED.value,
             worker=worker,
             message=f"Run {payload.run_id} already ended ({dagster_run.status.value}).",
         )
@@ -164,7 +163,7 @@ def run_whole_run(payload: RunTaskPayload, worker: str, cache: WarmCache) -> Tas
         DagsterRunStatus.QUEUED,
     ):
         return TaskOutcome(
-            status="skipped",
+            status=Outcome.SKIPPED.value,
             worker=worker,
             message=f"Run {payload.run_id} is {dagster_run.status.value}; not starting it again.",
         )
@@ -190,14 +189,14 @@ def run_whole_run(payload: RunTaskPayload, worker: str, cache: WarmCache) -> Tas
     except BaseException:
         error = serializable_error_info_from_exc_info(sys.exc_info())
         return TaskOutcome(
-            status="failure",
+            status=Outcome.FAILURE.value,
             worker=worker,
             exit_code=1,
             message=f"Run {payload.run_id} raised on worker {worker}: {error.message.strip()}",
             error=error,
         )
     return TaskOutcome(
-        status="failure" if failed else "success",
+        status=(Outcome.FAILURE if failed else Outcome.SUCCESS).value,
         worker=worker,
         exit_code=1 if failed else 0,
         message=f"Run {payload.run_id} {'failed' if failed else 'succeeded'}.",

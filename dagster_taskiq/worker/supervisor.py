@@ -18,7 +18,7 @@ from dagster_taskiq.lifecycle.records import TaskRecord
 from dagster_taskiq.lifecycle.retry import retrying
 from dagster_taskiq.lifecycle.states import Outcome, TaskKind
 from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome, encode
-from dagster_taskiq.worker.bodies import BAD_MESSAGE, run_step, run_whole_run
+from dagster_taskiq.worker.bodies import run_step, run_whole_run
 from dagster_taskiq.worker.child import fork_child
 from dagster_taskiq.worker.deadletters import dead_letter
 from dagster_taskiq.worker.fence import LeaseClock
@@ -109,7 +109,7 @@ class Supervisor:
                 holds_slot = False
                 self.slots.release()
             outcome = self._outcome(held, exit_code)
-            if outcome.status == BAD_MESSAGE:
+            if outcome.status == Outcome.BAD_MESSAGE:
                 message = await keystore.message(record.task_id) or b""
                 await dead_letter(
                     self.conn, self.options.name, outcome.message, message, record.task_id

@@ -310,6 +310,7 @@ class Chaos:
     ) -> list[str]:
         """Check every invariant for the round's run; remember and return the violations."""
         run_id = current.run_id
+        since_wall = time.time() - (time.monotonic() - since)
         found = invariants.check_all(
             instance=self.instance,
             run_ids=[run_id],
@@ -332,12 +333,35 @@ class Chaos:
         origin = min((e.start for e in executions), default=0.0)
         current.notes += [f"  {e.step_key}: {e.describe(origin)}" for e in executions]
         current.violations = [f"[round {current.index}] {v}" for v in found]
+        self._report(current, executions, since_wall)
         print(f"[chaos] {self.name} round {current.index}, run {run_id}:")
         for note in current.notes:
             print(f"[chaos]   {note}")
         for violation in current.violations:
             print(f"[chaos]   VIOLATION {violation}")
         return current.violations
+
+    def _report(self, current: Round, executions: Sequence[Any], since_wall: float) -> None:
+        """Note how long the run took to end after the fault, and append one JSON line to the
+        file named by ``CHAOS_REPORT`` (the long form's figures)."""
+        record = self.instance.get_run_record_by_id(current.run_id)
+        ended = record.end_time if record is not None else None
+        recovery = None if ended is None else round(max(0.0, ended - since_wall), 2)
+        status = record.dagster_run.status.value if record is not None else "missing"
+        current.notes.append(f"run {status}, terminal {recovery} s after the fault ended")
+        report = os.environ.get("CHAOS_REPORT")
+        if report:
+            line = {
+                "test": self.name,
+                "round": current.index,
+                "seed": SEED,
+                "status": status,
+                "terminal_after_fault_s": recovery,
+                "executions": len(executions),
+                "violations": len(current.violations),
+            }
+            with open(report, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
 
     def finish_round(self, current: Round) -> None:
         """Stop the round's orchestrator if it is still running (its run is then not terminal

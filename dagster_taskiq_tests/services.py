@@ -4,6 +4,7 @@ import os
 import socket
 from urllib.parse import urlsplit
 
+import dagster
 import pytest
 
 REDIS_URL = os.environ.get("DAGSTER_TASKIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -36,3 +37,8 @@ def require(url: str, what: str) -> None:
     if under_ci():
         pytest.fail(f"{reason}; under CI=true broker tests must run (see .ci/run).")
     pytest.skip(f"{reason}; start it to run the broker tests.")
+
+
+def dagster_minor_version() -> int:
+    """The minor version of the installed Dagster (12 for 1.12.x): a few assertions differ."""
+    return int(dagster.__version__.split(".")[1])

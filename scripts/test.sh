@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: build a virtualenv, install the package with its test extras, then run
-# ruff, mypy and the pytest suite. Broker tests skip locally when Redis/RabbitMQ are down
-# (under CI=true they must run).
+# ruff, mypy and the pytest suite on the newest supported Dagster line; then a smoke subset on
+# the older supported line (scripts/dagster-older.sh). Broker tests skip locally when
+# Redis/RabbitMQ are down (under CI=true they must run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DAGSTER_TASKIQ_VENV:-.venv}"
@@ -19,3 +20,6 @@ echo "== pytest"
 # Tests are mostly waiting on real brokers and worker processes: three pytest workers keep the
 # suite well inside CI's budget on two cores. Pass -n 0 to run them one by one.
 "$VENV/bin/python" -m pytest dagster_taskiq_tests -n "${DAGSTER_TASKIQ_TEST_PROCESSES:-3}" "$@"
+if [ "${DAGSTER_TASKIQ_SKIP_OLDER_DAGSTER:-}" != "1" ]; then
+  bash scripts/dagster-older.sh
+fi

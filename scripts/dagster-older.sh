@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke tests on the older supported Dagster line (1.12): a virtualenv of its own with Dagster
 # pinned to that line, then the tests that touch Dagster's internals (compat.py) the most:
-# step execution, resume and run monitoring, the launcher, and the lifecycle protocol.
+# the lifecycle protocol, steps and runs through the launcher with resume and run monitoring.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DAGSTER_TASKIQ_OLDER_VENV:-.venv-dagster-1.12}"
@@ -14,7 +14,7 @@ fi
 "$VENV/bin/python" -c 'import dagster; assert dagster.__version__.startswith("1.12."), dagster.__version__'
 echo "== pytest (smoke, Dagster $("$VENV/bin/python" -c 'import dagster; print(dagster.__version__)'))"
 "$VENV/bin/python" -m pytest -n "${DAGSTER_TASKIQ_TEST_PROCESSES:-3}" \
-  dagster_taskiq_tests/test_execution.py \
+  dagster_taskiq_tests/test_lifecycle_transitions.py \
   dagster_taskiq_tests/test_run_monitoring.py \
   dagster_taskiq_tests/test_unit_config_tags.py \
   dagster_taskiq_tests/test_unit_payloads.py

@@ -1,4 +1,4 @@
-"""The one place dagster-taskiq touches Dagster's private (``dagster._...``) modules.
+"""The one place dagster-taskiq touches Dagster's internals (``dagster._...``, ``dagster_shared``).
 
 Dagster's public API does not cover everything an executor, a run launcher and a worker need
 (step handlers, execution plans, serdes, the sqlite storages, ...), so the package uses some
@@ -106,6 +106,10 @@ from dagster._serdes import (
 # Turning an exception into Dagster's serializable error info.
 from dagster._utils.error import serializable_error_info_from_exc_info
 
+# -- dagster_shared (Dagster's internal support package) ------------------------------------------
+# The error record that step failures and task outcomes carry (serdes).
+from dagster_shared.error import SerializableErrorInfo
+
 if TYPE_CHECKING:
     # Imported lazily at run time (see ``_LAZY_IMPORTS``); here for type checkers only.
     # -- dagster._cli: checking a step may run (worker task bodies).
@@ -165,6 +169,7 @@ __all__ = [
     "RetryMode",
     "RunLauncher",
     "RunStepKeyStatsSnapshot",
+    "SerializableErrorInfo",
     "SqliteEventLogStorage",
     "SqliteRunStorage",
     "StepDelegatingExecutor",

@@ -2,11 +2,10 @@
 
 from typing import NamedTuple
 
-from dagster_shared.error import SerializableErrorInfo
-
 from dagster_taskiq.compat import (
     ExecuteStepArgs,
     InstanceRef,
+    SerializableErrorInfo,
     deserialize_value,
     serialize_value,
     whitelist_for_serdes,

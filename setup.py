@@ -38,6 +38,7 @@ setup(
             "pytest-timeout>=2.3",
             "pytest-xdist>=3.5",
             "hypothesis>=6",
+            "docker>=7",
             "dagster-webserver>=1.12,<1.14",
             "dagster-graphql>=1.12,<1.14",
             "dagster-postgres>=0.28,<0.30",

@@ -10,7 +10,7 @@ from dagster import DagsterInstance
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq_tests.harness import WorkerPool, isolated_settings
 from dagster_taskiq_tests.private_brokers import PrivateRedis
-from dagster_taskiq_tests.services import AMQP_URL, REDIS_URL, require
+from dagster_taskiq_tests.services import AMQP_URL, REDIS_URL, broker_report_line, require
 
 
 @pytest.fixture
@@ -106,3 +106,8 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.stop()
+
+
+def pytest_report_header() -> str:
+    """Say which brokers the session uses: the environment's, Docker containers, or local."""
+    return broker_report_line()

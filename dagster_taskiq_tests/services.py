@@ -7,8 +7,18 @@ from urllib.parse import urlsplit
 import dagster
 import pytest
 
-REDIS_URL = os.environ.get("DAGSTER_TASKIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-AMQP_URL = os.environ.get("DAGSTER_TASKIQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+from dagster_taskiq_tests.containers import (
+    AMQP_ENV,
+    REDIS_ENV,
+    answers,
+    docker_client,
+    prepare_brokers,
+)
+
+#: Where this session's brokers come from (see :mod:`.containers`): decided on first import.
+BROKER_SOURCE = prepare_brokers(os.environ, docker_client, answers)
+REDIS_URL = os.environ.get(REDIS_ENV, "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get(AMQP_ENV, "amqp://guest:guest@127.0.0.1:5672/")
 
 
 def reachable(url: str, timeout: float = 1.0) -> bool:
@@ -37,6 +47,12 @@ def require(url: str, what: str) -> None:
     if under_ci():
         pytest.fail(f"{reason}; under CI=true broker tests must run (see .ci/run).")
     pytest.skip(f"{reason}; start it to run the broker tests.")
+
+
+def broker_report_line() -> str:
+    """One line for pytest's header: which brokers this session uses."""
+    redis_at, amqp_at = urlsplit(REDIS_URL).netloc, urlsplit(AMQP_URL).netloc.split("@")[-1]
+    return f"dagster-taskiq test brokers: {BROKER_SOURCE.value} (redis {redis_at}, amqp {amqp_at})"
 
 
 def dagster_minor_version() -> int:

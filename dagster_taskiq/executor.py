@@ -5,11 +5,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, Field, MetadataValue, executor
+from dagster import DagsterInstance, Field, executor
 
 from dagster_taskiq.compat import (
     DagsterEvent,
-    DagsterRun,
     Executor,
     InitExecutorContext,
     RetryMode,
@@ -25,12 +24,7 @@ from dagster_taskiq.config import (
     shared_config_schema,
 )
 from dagster_taskiq.connection import TaskiqClient
-from dagster_taskiq.engine_events import report_warning
-from dagster_taskiq.literal_secrets import (
-    LITERAL_SECRETS_PREFIX,
-    literal_secrets,
-    literal_secrets_warning,
-)
+from dagster_taskiq.literal_secrets import warn_literal_secrets
 from dagster_taskiq.step_handler import TaskiqStepHandler
 from dagster_taskiq.storage_connections import sqlite_event_log_kept_open
 
@@ -100,33 +94,6 @@ class TaskiqExecutor(StepDelegatingExecutor):
                 yield from super().execute(plan_context, execution_plan)
         finally:
             self._taskiq_client.close()
-
-
-def warn_literal_secrets(instance: DagsterInstance, dagster_run: DagsterRun) -> None:
-    """Warn ``dagster_run`` (once) if the instance config holds secrets written in clear: they
-    travel in every task message. Instances without a ``dagster.yaml`` have nothing to check."""
-    try:
-        instance_ref = instance.get_ref()
-    except Exception:
-        return
-    secrets = literal_secrets(instance_ref)
-    if not secrets:
-        return
-    earlier = instance.get_records_for_run(
-        dagster_run.run_id, of_type=DagsterEventType.ENGINE_EVENT
-    ).records
-    if any(
-        (record.event_log_entry.dagster_event.message or "").startswith(LITERAL_SECRETS_PREFIX)
-        for record in earlier
-        if record.event_log_entry.dagster_event is not None
-    ):
-        return  # a resumed run: it was warned the first time
-    report_warning(
-        instance,
-        dagster_run,
-        literal_secrets_warning(secrets),
-        {"literal_secret_keys": MetadataValue.text(", ".join(s.key for s in secrets))},
-    )
 
 
 def launcher_settings(init_context: InitExecutorContext) -> TaskiqSettings | None:

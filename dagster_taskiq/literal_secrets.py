@@ -12,8 +12,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from dagster import DagsterEventType, DagsterInstance, MetadataValue
 
-from dagster_taskiq.compat import InstanceRef
+from dagster_taskiq.compat import DagsterRun, InstanceRef
+from dagster_taskiq.engine_events import report_warning
 
 #: Key names whose literal string value is a secret (compared in lower case).
 SECRET_KEY_NAMES = frozenset(
@@ -128,4 +130,35 @@ def literal_secrets_warning(secrets: list[LiteralSecret]) -> str:
         "run (and waits in the broker with it). Write each as {env: VAR} (for a URL, the whole "
         "URL: postgres_url: {env: DAGSTER_PG_URL}, or the password field: "
         "password: {env: DAGSTER_PG_PASSWORD}) and set the variable on every process."
+    )
+
+
+def warn_literal_secrets(instance: DagsterInstance, dagster_run: DagsterRun) -> None:
+    """Warn ``dagster_run`` (once) if the instance config holds secrets written in clear: they
+    travel in every task message. Instances without a ``dagster.yaml`` have nothing to check.
+
+    Called by the run launcher when it sends a run and by ``taskiq_executor`` when it starts
+    orchestrating one; whichever comes second finds the first one's warning and stays quiet.
+    """
+    try:
+        instance_ref = instance.get_ref()
+    except Exception:
+        return
+    secrets = literal_secrets(instance_ref)
+    if not secrets:
+        return
+    earlier = instance.get_records_for_run(
+        dagster_run.run_id, of_type=DagsterEventType.ENGINE_EVENT
+    ).records
+    if any(
+        (record.event_log_entry.dagster_event.message or "").startswith(LITERAL_SECRETS_PREFIX)
+        for record in earlier
+        if record.event_log_entry.dagster_event is not None
+    ):
+        return  # already warned (by the launcher, or before a resume)
+    report_warning(
+        instance,
+        dagster_run,
+        literal_secrets_warning(secrets),
+        {"literal_secret_keys": MetadataValue.text(", ".join(s.key for s in secrets))},
     )

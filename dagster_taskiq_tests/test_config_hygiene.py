@@ -20,6 +20,7 @@ from dagster_taskiq.literal_secrets import (
     LITERAL_SECRETS_PREFIX,
     find_in_config,
     literal_secrets,
+    warn_literal_secrets,
 )
 from dagster_taskiq_tests import jobs
 from dagster_taskiq_tests.harness import REPO_ROOT, WorkerPool, executor_config
@@ -192,3 +193,18 @@ def test_run_on_an_instance_with_a_literal_password_is_warned_once(
     assert "literal-hunter2" not in message
     metadata = warning.dagster_event.event_specific_data.metadata
     assert metadata["literal_secret_keys"].value == "storage.postgres_db.password"
+
+
+def test_launcher_and_executor_together_warn_a_run_once(literal_password_home: Path) -> None:
+    """The launcher warns when it sends a run and the executor when it orchestrates it: the
+    second finds the first one's warning in the run's event log and stays quiet."""
+    with DagsterInstance.get() as instance:
+        run = instance.create_run_for_job(jobs.single_op_job)
+        warn_literal_secrets(instance, run)  # TaskiqRunLauncher.launch_run
+        warn_literal_secrets(instance, run)  # taskiq_executor, on the worker
+        warnings = [
+            entry
+            for entry in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+            if entry.dagster_event.message.startswith(LITERAL_SECRETS_PREFIX)
+        ]
+    assert len(warnings) == 1 and warnings[0].level == logging.WARNING

@@ -32,6 +32,11 @@ class UnservedQueue:
     served_queues: tuple[str, ...]
     start_command: str
 
+    @property
+    def prefix(self) -> str:
+        """How the warning starts: the same for every warning about this queue."""
+        return unserved_prefix(self.queue)
+
     def message(self) -> str:
         """The warning shown in the run's event log."""
         served = (
@@ -41,9 +46,14 @@ class UnservedQueue:
         )
         what = f"step '{self.step_key}'" if self.step_key else "the run"
         return (
-            f"No live worker serves queue '{self.queue}': {what} (task {self.task_id}) has waited "
+            f"{self.prefix} {what} (task {self.task_id}) has waited "
             f"{self.waited:.0f} s for one. {served} Start a worker for it: {self.start_command}"
         )
+
+
+def unserved_prefix(queue: str) -> str:
+    """How the warning about ``queue`` starts (a resumed orchestrator looks for it)."""
+    return f"No live worker serves queue '{queue}':"
 
 
 def start_command(queue: str, settings: TaskiqSettings) -> str:

@@ -153,8 +153,8 @@ class TaskiqStepHandler(StepHandler):
             if watch.needs_workers():
                 watch.update_workers(self._client.run(lambda conn: conn.keystore.list_workers()))
             unserved = watch.check(record)
-            if unserved is None:
-                return
+            if unserved is None or _already_in_event_log(context, unserved.prefix):
+                return  # served, or warned by an earlier orchestrator of this run (a resume)
             report_warning(
                 context.instance,
                 context.dagster_run,
@@ -219,6 +219,18 @@ _ATTEMPT_END_EVENTS = {
     DagsterEventType.STEP_UP_FOR_RETRY,
     DagsterEventType.STEP_SKIPPED,
 }
+
+
+def _already_in_event_log(context: StepHandlerContext, prefix: str) -> bool:
+    """Whether the run's event log holds an engine event whose message starts with ``prefix``."""
+    connection = context.instance.get_records_for_run(
+        context.execute_step_args.run_id, of_type=DagsterEventType.ENGINE_EVENT
+    )
+    return any(
+        (record.event_log_entry.dagster_event.message or "").startswith(prefix)
+        for record in connection.records
+        if record.event_log_entry.dagster_event is not None
+    )
 
 
 def _attempt_ended_in_event_log(context: StepHandlerContext, step_key: str) -> bool:

@@ -12,7 +12,12 @@ from dagster import DagsterEventType, DagsterInstance
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq.lifecycle.records import TaskRecord, WorkerInfo
 from dagster_taskiq.lifecycle.states import TaskKind, TaskState, WorkerState
-from dagster_taskiq.queue_watch import GRACE_FRACTION, UnservedQueueWatch, start_command
+from dagster_taskiq.queue_watch import (
+    GRACE_FRACTION,
+    UnservedQueueWatch,
+    start_command,
+    unserved_prefix,
+)
 from dagster_taskiq_tests.harness import WorkerPool, isolated_settings, wait_for
 from dagster_taskiq_tests.scenario_support import (
     in_background,
@@ -154,6 +159,7 @@ def test_queue_watch_rules() -> None:
     assert not watch.needs_workers()
     warning = watch.check(old, now)
     assert warning is not None and warning.queue == "q" and warning.served_queues == ("p",)
+    assert warning.message().startswith(unserved_prefix("q") + " step 's' (task t1)")
     assert watch.check(_queued("q", "r1", now - 100, "t2"), now) is None  # same run and queue
     assert watch.check(_queued("q", "r2", now - 100), now) is not None  # another run
     watch.update_workers([_worker(("x",), WorkerState.STARTING)])

@@ -49,7 +49,6 @@ setup(
     entry_points={"console_scripts": ["dagster-taskiq=dagster_taskiq.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
         "Operating System :: POSIX :: Linux",
     ],
 )

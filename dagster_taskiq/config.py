@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from dagster import Field, IntSource, Noneable, Permissive, StringSource
+from dagster import Any as ConfigAny
+from dagster import Field, IntSource, Noneable, Shape, StringSource
 
 from dagster_taskiq.errors import TaskiqConfigError
 from dagster_taskiq.tags import validate_queue_name
@@ -40,7 +41,47 @@ KNOWN_SOURCE_OPTIONS = {
     "dead_letter_max": "how many rejected messages the dead-letter list keeps (default 1000)",
     "reconnect_timeout": "seconds a submit keeps retrying while the broker or backend is "
     "unreachable, before the step or run fails (default 60)",
+    "confirm_timeout": "RabbitMQ: seconds a publish waits for the broker's confirm (default 10)",
 }
+
+#: ``config_source`` keys handed to redis-py's connection (broker, backend and key store).
+REDIS_CONNECTION_OPTIONS = {
+    "ssl_ca_certs": "redis-py: CA bundle for rediss:// connections",
+    "ssl_certfile": "redis-py: client certificate for rediss:// connections",
+    "ssl_keyfile": "redis-py: client key for rediss:// connections",
+    "ssl_cert_reqs": "redis-py: certificate check for rediss:// connections",
+    "ssl_check_hostname": "redis-py: host name check for rediss:// connections",
+    "username": "redis-py: ACL user (else from the URL)",
+    "password": "redis-py: password (else from the URL); write it as {env: VAR}",
+    "max_connections": "redis-py: connection pool size",
+}
+
+#: ``config_source`` keys handed to the RabbitMQ connection (aio-pika ``connect_robust``).
+AMQP_CONNECTION_OPTIONS = {
+    "timeout": "aio-pika: seconds to connect (default: connect_timeout)",
+    "heartbeat": "aio-pika: AMQP heartbeat in seconds",
+    "name": "aio-pika: connection name shown in the RabbitMQ management UI",
+    "client_properties": "aio-pika: AMQP client properties",
+    "ssl_options": "aio-pika: TLS options (cafile, certfile, keyfile, no_verify_ssl)",
+    "reconnect_interval": "aio-pika: seconds between reconnection attempts",
+    "fail_fast": "aio-pika: fail at once when the first connection attempt fails",
+}
+
+
+def valid_source_options() -> dict[str, str]:
+    """Every key ``config_source`` accepts, with what it means."""
+    return {**KNOWN_SOURCE_OPTIONS, **REDIS_CONNECTION_OPTIONS, **AMQP_CONNECTION_OPTIONS}
+
+
+def check_config_source(source: Mapping[str, Any]) -> None:
+    """Raise :class:`TaskiqConfigError` naming the valid keys if ``source`` has an unknown key."""
+    valid = valid_source_options()
+    unknown = sorted(str(key) for key in source if key not in valid)
+    if unknown:
+        raise TaskiqConfigError(
+            f"Unknown config_source key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(k) for k in unknown)}. Valid keys: {', '.join(sorted(valid))}."
+        )
 
 
 def redact_url(url: str) -> str:
@@ -113,6 +154,7 @@ class TaskiqSettings:
         broker_kind(self.broker_url)
         check_backend_url(self.backend_url)
         validate_queue_name(self.default_queue, "the 'default_queue' setting")
+        check_config_source(self.config_source)
         if self.heartbeat_timeout <= 0:
             raise TaskiqConfigError(
                 f"heartbeat_timeout must be positive, got {self.heartbeat_timeout}."
@@ -206,12 +248,17 @@ def shared_config_schema() -> dict[str, Field]:
             ),
         ),
         "config_source": Field(
-            Permissive(),
+            Shape(
+                {
+                    key: Field(ConfigAny, is_required=False, description=meaning)
+                    for key, meaning in valid_source_options().items()
+                }
+            ),
             is_required=False,
             default_value={},
-            description="Extra broker options: "
-            + "; ".join(f"{k}: {v}" for k, v in KNOWN_SOURCE_OPTIONS.items())
-            + ". Other keys go to the broker connection.",
+            description="Extra broker and connection options (an unknown key is an error): "
+            + "; ".join(f"{k}: {v}" for k, v in valid_source_options().items())
+            + ".",
         ),
     }
 

@@ -24,6 +24,7 @@ from dagster_taskiq.config import (
     shared_config_schema,
 )
 from dagster_taskiq.connection import TaskiqClient
+from dagster_taskiq.literal_secrets import warn_literal_secrets
 from dagster_taskiq.step_handler import TaskiqStepHandler
 from dagster_taskiq.storage_connections import sqlite_event_log_kept_open
 
@@ -87,6 +88,7 @@ class TaskiqExecutor(StepDelegatingExecutor):
     def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[Any]:
         """Connect, run Dagster's orchestration loop, then close the connection."""
         self._taskiq_client.connect()
+        warn_literal_secrets(plan_context.instance, plan_context.dagster_run)
         try:
             with sqlite_event_log_kept_open(plan_context.instance):
                 yield from super().execute(plan_context, execution_plan)

@@ -38,6 +38,7 @@ from dagster_taskiq.lifecycle.keys import RUN_TASK_INDEX_FIELD
 from dagster_taskiq.lifecycle.records import TaskRecord, WorkerInfo
 from dagster_taskiq.lifecycle.recovery import recover
 from dagster_taskiq.lifecycle.states import TaskKind, TaskState
+from dagster_taskiq.literal_secrets import warn_literal_secrets
 from dagster_taskiq.payloads import RUN_TASK_NAME, RunTaskPayload, TaskOutcome, encode
 from dagster_taskiq.tags import TASK_ID_TAG, run_routing
 
@@ -153,6 +154,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
     # -- launching -------------------------------------------------------------------------
     def launch_run(self, context: LaunchRunContext) -> None:
         """Send the run to its queue at its run priority and tag it with the task id."""
+        warn_literal_secrets(self._instance, context.dagster_run)
         self._submit(context.dagster_run, resume=False, attempt=0)
 
     @property

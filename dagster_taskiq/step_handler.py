@@ -1,5 +1,6 @@
 """Dagster ``StepHandler`` that sends each step to a taskiq queue and supervises it."""
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,12 +15,16 @@ from dagster_taskiq.compat import (
     StepHandlerContext,
 )
 from dagster_taskiq.connection import TaskiqClient, TaskiqConnection
+from dagster_taskiq.engine_events import report_warning
 from dagster_taskiq.lifecycle.health import Health, assess
 from dagster_taskiq.lifecycle.records import TaskRecord
 from dagster_taskiq.lifecycle.recovery import recover
 from dagster_taskiq.lifecycle.states import TaskKind
 from dagster_taskiq.payloads import STEP_TASK_NAME, StepTaskPayload, encode
+from dagster_taskiq.queue_watch import UnservedQueueWatch
 from dagster_taskiq.tags import step_routing
+
+logger = logging.getLogger("dagster_taskiq")
 
 #: Dagster checks every running step in one go; a check reuses the records read for the run's
 #: other steps within this many seconds, so one Redis pipeline serves the whole round.
@@ -36,6 +41,7 @@ class TaskiqStepHandler(StepHandler):
         self._ended: set[str] = set()
         self._snapshot: dict[str, TaskRecord] = {}
         self._snapshot_at = float("-inf")
+        self._queue_watch = UnservedQueueWatch(client.settings)
 
     @property
     def name(self) -> str:
@@ -105,6 +111,7 @@ class TaskiqStepHandler(StepHandler):
         if launched is not None:
             record = self._recent_record(run_id, launched)
             if record is not None and assess(record).health in (Health.WAITING, Health.RUNNING):
+                self._warn_if_queue_unserved(step_handler_context, record)
                 return CheckStepHealthResult.healthy()
 
         async def _check(conn: TaskiqConnection) -> CheckStepHealthResult:
@@ -132,6 +139,37 @@ class TaskiqStepHandler(StepHandler):
             # next poll. Reporting the task's failure as well would end the attempt twice.
             return CheckStepHealthResult.healthy()
         return result
+
+    def _warn_if_queue_unserved(self, context: StepHandlerContext, record: TaskRecord) -> None:
+        """Warn the run, once per queue, that ``record`` waits on a queue no live worker serves.
+
+        Best effort: a failure to read the worker registry or to write the event is logged and
+        never affects the step.
+        """
+        watch = self._queue_watch
+        if not watch.due(record):
+            return
+        try:
+            if watch.needs_workers():
+                watch.update_workers(self._client.run(lambda conn: conn.keystore.list_workers()))
+            unserved = watch.check(record)
+            if unserved is None or _already_in_event_log(context, unserved.prefix):
+                return  # served, or warned by an earlier orchestrator of this run (a resume)
+            report_warning(
+                context.instance,
+                context.dagster_run,
+                unserved.message(),
+                {
+                    "taskiq_queue": MetadataValue.text(unserved.queue),
+                    "taskiq_task_id": MetadataValue.text(unserved.task_id),
+                    "start_worker": MetadataValue.text(unserved.start_command),
+                },
+                step_key=record.step_key,
+            )
+        except Exception as exc:
+            logger.warning(
+                "Could not check whether queue '%s' has live workers: %s", record.queue, exc
+            )
 
     def _recent_record(self, run_id: str, task_id: str) -> TaskRecord | None:
         """``task_id``'s record from a snapshot of all this run's unfinished tasks (one pipeline,
@@ -181,6 +219,18 @@ _ATTEMPT_END_EVENTS = {
     DagsterEventType.STEP_UP_FOR_RETRY,
     DagsterEventType.STEP_SKIPPED,
 }
+
+
+def _already_in_event_log(context: StepHandlerContext, prefix: str) -> bool:
+    """Whether the run's event log holds an engine event whose message starts with ``prefix``."""
+    connection = context.instance.get_records_for_run(
+        context.execute_step_args.run_id, of_type=DagsterEventType.ENGINE_EVENT
+    )
+    return any(
+        (record.event_log_entry.dagster_event.message or "").startswith(prefix)
+        for record in connection.records
+        if record.event_log_entry.dagster_event is not None
+    )
 
 
 def _attempt_ended_in_event_log(context: StepHandlerContext, step_key: str) -> bool:

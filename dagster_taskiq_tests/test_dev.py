@@ -124,3 +124,46 @@ def test_dev_refuses_a_busy_port(tmp_path: Path) -> None:
         result = CliRunner().invoke(main, ["dev", "-p", str(port)])
     assert result.exit_code == 1
     assert f"Port {port} on 127.0.0.1 is already in use" in result.output
+
+
+def test_dev_without_queues_serves_what_the_code_names_quietly(marker: str, tmp_path: Path) -> None:
+    """No -q: the workers serve every queue the example's jobs and ops name (so its 'compute'
+    steps run), the output says so, and Dagster's irrelevant warnings are gone."""
+    port = _free_port()
+    log = tmp_path / "dev.log"
+    with open(log, "w") as out:
+        dev = subprocess.Popen(
+            cli("dev", "--workers", "1", "-p", str(port)),
+            env=command_env(marker),
+            cwd=EXAMPLE_DIR,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: "Press Ctrl-C" in log.read_text() or dev.poll() is not None,
+            timeout=150,
+            interval=0.25,
+            what="dagster-taskiq dev to come up",
+        )
+        output = log.read_text()
+        assert dev.poll() is None, output
+        assert re.search(
+            r"workers\s+dev-1 on queue\(s\) compute, dagster, .*named by the code's jobs", output
+        ), output
+        assert (
+            "./dagster.yaml names TaskiqRunLauncher; its settings are not used: its broker reads "
+            "DAGSTER_TASKIQ_BROKER_URL, which is not set." in output
+        ), output
+        _, status, _ = _launch_and_wait(port, timeout=120)
+        assert status == "SUCCESS", log.read_text()[-3000:]
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(90) == 0, log.read_text()[-3000:]
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+    output = log.read_text()
+    assert "SupersessionWarning" not in output and "dev_command" not in output, output
+    assert "Found a dagster instance configuration" not in output, output
+    wait_for(lambda: not marked_processes(marker), timeout=10, what="no leftover processes")

@@ -11,7 +11,7 @@ from taskiq import AsyncBroker
 from taskiq.serializers import JSONSerializer
 from taskiq_redis import RedisAsyncResultBackend
 
-from dagster_taskiq.config import TaskiqSettings
+from dagster_taskiq.config import REDIS_CONNECTION_OPTIONS, TaskiqSettings
 from dagster_taskiq.errors import TaskiqConfigError
 
 #: Seconds a Redis command may wait for its reply before it fails.
@@ -19,18 +19,7 @@ SOCKET_TIMEOUT = 5.0
 QUEUE_LABEL = "queue_name"
 PRIORITY_LABEL = "priority"
 
-_REDIS_OPTION_NAMES = frozenset(
-    {
-        "ssl_ca_certs",
-        "ssl_certfile",
-        "ssl_keyfile",
-        "ssl_cert_reqs",
-        "ssl_check_hostname",
-        "username",
-        "password",
-        "max_connections",
-    }
-)
+_REDIS_OPTION_NAMES = frozenset(REDIS_CONNECTION_OPTIONS)
 
 
 def _redis_kwargs(settings: TaskiqSettings, url: str) -> dict[str, Any]:
@@ -104,7 +93,10 @@ def make_broker(
         )
     else:
         try:
-            from dagster_taskiq.brokers.rabbitmq import RoutedAioPikaBroker
+            from dagster_taskiq.brokers.rabbitmq import (
+                DEFAULT_CONFIRM_TIMEOUT,
+                RoutedAioPikaBroker,
+            )
         except ImportError as exc:
             raise TaskiqConfigError(
                 "The broker URL is amqp:// but taskiq-aio-pika is not installed. Run "
@@ -124,6 +116,7 @@ def make_broker(
             max_priority=int(settings.option("max_priority", 10)),
             qos=int(settings.option("qos", 1)),
             queue_arguments=dict(settings.option("queue_arguments", {}) or {}),
+            confirm_timeout=float(settings.option("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT)),
             **passthrough,
         )
     broker.result_backend = make_result_backend(settings)

@@ -9,9 +9,11 @@ stops the UI first, then the workers, then the broker.
 
 import dataclasses
 import importlib.util
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -23,6 +25,11 @@ import click
 
 from dagster_taskiq.config import redact_url
 from dagster_taskiq.errors import DagsterTaskiqError
+from dagster_taskiq.local.cwd_instance import (
+    current_folder,
+    overriding_flags,
+    read_cwd_instance,
+)
 from dagster_taskiq.local.processes import ManagedProcess, become_subreaper, stop_leftovers
 from dagster_taskiq.local.stack import LocalStack, decide_broker, read_config_yaml
 
@@ -81,7 +88,11 @@ def run_dev(options: DevOptions) -> int:
     signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (nohup, &)
     stack = LocalStack("dev")
     try:
-        config = read_config_yaml(options.config_yaml)
+        overridden = overriding_flags(options.config_yaml, options.broker, options.backend)
+        cwd_instance = read_cwd_instance(current_folder(), os.environ, overridden)
+        if cwd_instance.note:
+            _echo(cwd_instance.note)
+        config = read_config_yaml(options.config_yaml) or cwd_instance.config
         decision = decide_broker(
             broker=options.broker,
             backend=options.backend,
@@ -89,6 +100,7 @@ def run_dev(options: DevOptions) -> int:
             env=os.environ,
             force_embedded=False,
             probe_url=None,
+            config_origin="the -y config file" if options.config_yaml else cwd_instance.origin,
         )
         settings = stack.open_broker(decision, config)
         stack.write_instance(
@@ -97,7 +109,10 @@ def run_dev(options: DevOptions) -> int:
                 "run_queue": {"dequeue_interval_seconds": 1},
             }
         )
-        queues = parse_queues(options.queues, settings.default_queue)
+        if options.queues:
+            queues, queues_from = list(parse_queues(options.queues, settings.default_queue)), "-q"
+        else:
+            queues, queues_from = _code_queues(stack, options, settings.default_queue)
         prefix = "dev" if stack.embedded is not None else f"dev-{os.getpid()}"
         for index in range(1, options.workers + 1):
             stack.start_worker(
@@ -121,6 +136,8 @@ def run_dev(options: DevOptions) -> int:
                 str(options.port),
             ],
             log_to_file=False,
+            extra_env={"PYTHONWARNINGS": _quiet_warnings()},
+            keep_line=_not_noise,
         )
         url = f"http://{options.host}:{options.port}"
         live = stack.wait_for_workers(timeout=options.startup_timeout)
@@ -132,7 +149,7 @@ def run_dev(options: DevOptions) -> int:
         _echo(f"  broker        {broker_line}")
         _echo(
             f"  workers       {', '.join(w.name for w in live)} on queue(s) {', '.join(queues)}, "
-            f"{options.concurrency} slot(s) each"
+            f"{options.concurrency} slot(s) each ({queues_from})"
         )
         _echo(
             f"  DAGSTER_HOME  {stack.dagster_home} (temporary; TaskiqRunLauncher, run monitoring)"
@@ -154,6 +171,49 @@ def run_dev(options: DevOptions) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, previous_term)
         _echo("Stopped.")
+
+
+#: Lines of ``dagster dev`` output that do not apply here: ``dev`` sets a temporary DAGSTER_HOME
+#: on purpose (and says itself what it does with a ``dagster.yaml`` in the current folder).
+NOISE_LINES = (b"Found a dagster instance configuration value",)
+#: Python warnings ``dagster dev`` prints that do not apply here (``PYTHONWARNINGS`` entries).
+QUIET_WARNINGS = ("ignore:Function `dev_command` is superseded",)
+
+
+def _not_noise(line: bytes) -> bool:
+    return not any(noise in line for noise in NOISE_LINES)
+
+
+def _quiet_warnings() -> str:
+    return ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", ""), *QUIET_WARNINGS]))
+
+
+def _code_queues(
+    stack: LocalStack, options: DevOptions, default_queue: str
+) -> tuple[list[str], str]:
+    """The queues the code's jobs and ops name (read in a subprocess that imports the code),
+    and where they came from; the default queue alone, with a note, if the code cannot be read."""
+    argv = [sys.executable, "-m", "dagster_taskiq.local.code_queues"]
+    argv += ["--default-queue", default_queue, "--", *options.code_args]
+    try:
+        done = subprocess.run(
+            argv,
+            env=stack.child_env(),
+            capture_output=True,
+            timeout=options.startup_timeout,
+            check=False,
+        )
+        lines = done.stdout.decode(errors="replace").strip().splitlines()
+        document = json.loads(lines[-1]) if lines else {"error": f"exit code {done.returncode}"}
+    except (subprocess.TimeoutExpired, ValueError) as exc:
+        document = {"error": str(exc)}
+    if "queues" in document:
+        return [str(q) for q in document["queues"]], "queues named by the code's jobs and ops"
+    _echo(
+        f"Could not read the queues the code names ({document.get('error')}); serving "
+        f"'{default_queue}' only. Pass -q QUEUE for each queue your ops and jobs use."
+    )
+    return [default_queue], "default queue"
 
 
 def _wait_for_webserver(ui: ManagedProcess, url: str, timeout: float) -> None:

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -63,6 +64,8 @@ class ManagedProcess:
     :param env: the complete environment of the process.
     :param cwd: working directory (default: the current one).
     :param log_path: file that receives stdout and stderr; None shares this process's streams.
+    :param keep_line: with shared streams, drop each output line for which this returns False
+        (the output then goes through a pipe and a copying thread).
     """
 
     def __init__(
@@ -73,8 +76,10 @@ class ManagedProcess:
         env: Mapping[str, str],
         cwd: str | os.PathLike[str] | None = None,
         log_path: Path | None = None,
+        keep_line: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.name = name
+        self.keep_line = keep_line
         self.argv = list(argv)
         self.env = dict(env)
         self.cwd = cwd
@@ -95,13 +100,20 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT if log is not None else None,
+                stdout=log if log is not None or self.keep_line is None else subprocess.PIPE,
+                stderr=subprocess.STDOUT if log is not None or self.keep_line else None,
                 start_new_session=True,
             )
         finally:
             if log is not None:
                 log.close()
+        if log is None and self.keep_line is not None and self.process.stdout is not None:
+            threading.Thread(
+                target=_copy_lines,
+                args=(self.process.stdout, self.keep_line),
+                name=f"output of {self.name}",
+                daemon=True,
+            ).start()
         return self
 
     @property
@@ -184,6 +196,15 @@ class ManagedProcess:
                 os.killpg(self.pid, signal.SIGKILL)
             self.process.wait()
         terminate_all(below, grace=0.0)
+
+
+def _copy_lines(source: IO[bytes], keep_line: Callable[[bytes], bool]) -> None:
+    """Copy ``source`` to this process's stdout line by line, dropping unwanted lines."""
+    with source:
+        for line in iter(source.readline, b""):
+            if keep_line(line):
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
 
 
 def terminate_all(processes: Sequence[psutil.Process], grace: float) -> None:

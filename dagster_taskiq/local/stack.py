@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,7 @@ def decide_broker(
     env: Mapping[str, str],
     force_embedded: bool,
     probe_url: str | None,
+    config_origin: str = "the -y config file",
 ) -> BrokerDecision:
     """Pick the broker: ``--broker``, the ``-y`` file, ``DAGSTER_TASKIQ_BROKER_URL``, a Redis
     answering at ``probe_url`` (when given), else the embedded Redis.
@@ -122,7 +123,7 @@ def decide_broker(
         return BrokerDecision(None, backend, "embedded Redis (--embedded)")
     for value, origin in (
         (broker, "--broker"),
-        (config.get("broker"), "the -y config file"),
+        (config.get("broker"), config_origin),
         (env.get(BROKER_ENV), BROKER_ENV),
     ):
         if value:
@@ -267,10 +268,16 @@ class LocalStack:
         *,
         log_to_file: bool = True,
         cwd: str | os.PathLike[str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        keep_line: Callable[[bytes], bool] | None = None,
     ) -> ManagedProcess:
-        """Start a process with :meth:`child_env`; its output goes to a log file or this one's."""
+        """Start a process with :meth:`child_env` (plus ``extra_env``); its output goes to a log
+        file or this one's (without the lines ``keep_line`` rejects)."""
         log_path = self.log_dir / f"{name.replace(' ', '-')}.log" if log_to_file else None
-        process = ManagedProcess(name, argv, env=self.child_env(), cwd=cwd, log_path=log_path)
+        env = {**self.child_env(), **(extra_env or {})}
+        process = ManagedProcess(
+            name, argv, env=env, cwd=cwd, log_path=log_path, keep_line=keep_line
+        )
         self.processes.append(process.start())
         return process
 

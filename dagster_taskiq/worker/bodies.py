@@ -6,7 +6,9 @@ instance's event log (so the UI sees a step's events while it runs) and return a
 """
 
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import cast
 
@@ -25,6 +27,7 @@ from dagster_taskiq.compat import (
     serializable_error_info_from_exc_info,
     verify_step,
 )
+from dagster_taskiq.lifecycle.records import TaskRecord
 from dagster_taskiq.lifecycle.states import Outcome
 from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome
 from dagster_taskiq.worker.warm import WarmCache
@@ -36,13 +39,15 @@ def run_step(
     cache: WarmCache,
     step_done: Callable[[], None] | None = None,
     dagster_run: DagsterRun | None = None,
+    record: TaskRecord | None = None,
 ) -> TaskOutcome:
     """Execute one step of a run in this process and report how the process ended.
 
     ``step_done`` is called as soon as the step's success, failure or retry request is stored
     in the event log, before the process tears down its log capture and resources.
     ``dagster_run`` is the run as the worker read it just before forking this process; without
-    it, the run is read here.
+    it, the run is read here. ``record`` is the task as the worker read it before starting it:
+    its queue, id and send time go into the step-started event's metadata.
     """
     args = payload.execute_step_args
     instance = cache.instance(args.instance_ref)
@@ -58,7 +63,14 @@ def run_step(
         )
     ended = False
     try:
-        for event in _step_events(args, instance, dagster_run, payload.step_key, cache):
+        for event in _step_events(
+            args,
+            instance,
+            dagster_run,
+            payload.step_key,
+            cache,
+            worker_started_metadata(worker, record),
+        ):
             if (
                 event.is_step_success
                 or event.is_step_failure
@@ -99,13 +111,16 @@ def _step_events(
     dagster_run: DagsterRun,
     step_key: str,
     cache: WarmCache,
+    started_metadata: dict[str, MetadataValue],
 ) -> Iterator[DagsterEvent]:
     log_manager = create_context_free_log_manager(instance, dagster_run)
+    where = started_metadata.get("worker")
     yield DagsterEvent.step_worker_started(
         log_manager,
         dagster_run.job_name,
-        message=f'Step worker started for "{step_key}".',
-        metadata={"pid": MetadataValue.text(str(os.getpid()))},
+        message=f'Step worker started for "{step_key}"'
+        + (f" on taskiq worker {where.value}." if where is not None else "."),
+        metadata=started_metadata,
         step_key=step_key,
     )
     if dagster_run.is_finished or dagster_run.status == DagsterRunStatus.CANCELING:
@@ -138,6 +153,29 @@ def _step_events(
             step_key=step_key,
         )
         raise
+
+
+def worker_started_metadata(
+    worker: str, record: TaskRecord | None, now: float | None = None
+) -> dict[str, MetadataValue]:
+    """Metadata of the step-started event: where the step runs and how long it waited.
+
+    ``worker``, ``host`` and ``pid`` (of the step's process) always; with the task's ``record``,
+    also ``queue``, ``task_id`` and ``queue_wait_seconds``: from the moment the orchestrator
+    submitted the task (or put it back on its queue after its worker went away) until now.
+    """
+    metadata: dict[str, MetadataValue] = {
+        "worker": MetadataValue.text(worker),
+        "host": MetadataValue.text(socket.gethostname()),
+        "pid": MetadataValue.text(str(os.getpid())),
+    }
+    if record is not None:
+        now = time.time() if now is None else now
+        since = record.requeued_at if record.requeued_at is not None else record.submitted_at
+        metadata["queue"] = MetadataValue.text(record.queue)
+        metadata["task_id"] = MetadataValue.text(record.task_id)
+        metadata["queue_wait_seconds"] = MetadataValue.float(round(max(0.0, now - since), 3))
+    return metadata
 
 
 def run_whole_run(payload: RunTaskPayload, worker: str, cache: WarmCache) -> TaskOutcome:

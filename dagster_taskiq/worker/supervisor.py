@@ -66,7 +66,7 @@ class Supervisor:
         if isinstance(payload, StepTaskPayload):
 
             def body(step_done: Callable[[], None]) -> TaskOutcome:
-                return run_step(payload, name, cache, step_done, dagster_run)
+                return run_step(payload, name, cache, step_done, dagster_run, record)
 
         else:
 

@@ -674,7 +674,11 @@ def render_status(document: dict[str, Any]) -> str:
         else "  (none)",
     ]
     if document["dead_letters"]:
-        parts += ["", f"DEAD LETTERS: {document['dead_letters']} rejected message(s) kept."]
+        parts += [
+            "",
+            f"DEAD LETTERS: {document['dead_letters']} rejected message(s) kept "
+            "(see 'dagster-taskiq dead-letters list').",
+        ]
     return "\n".join(parts)
 
 

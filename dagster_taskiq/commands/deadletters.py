@@ -32,6 +32,12 @@ def _summary(letter: DeadLetter) -> dict[str, Any]:
     return {**letter.summary(), "at": _iso(letter.at)}
 
 
+def _check_selection(ids: Sequence[str], all_: bool) -> None:
+    """Usage error (exit code 2) unless exactly one of ``ids`` and ``--all`` is given."""
+    if bool(ids) == all_:
+        raise click.UsageError("Name one or more dead-letter ids, or pass --all (not both).")
+
+
 def _select(
     letters: Sequence[DeadLetter], ids: Sequence[str], all_: bool, queue: str | None
 ) -> list[DeadLetter]:
@@ -39,8 +45,7 @@ def _select(
 
     :raises UserError: an id names no dead letter.
     """
-    if bool(ids) == all_:
-        raise click.UsageError("Name one or more dead-letter ids, or pass --all (not both).")
+    _check_selection(ids, all_)
     by_id = {letter.id: letter for letter in letters}
     missing = [i for i in ids if i not in by_id]
     if missing:
@@ -155,6 +160,7 @@ def replay_dead_letters(
     again (with a new id and its reason). A dead letter with no recorded queue goes to the
     default queue; one whose body was cut when it was kept cannot be replayed and stays.
     """
+    _check_selection(letter_ids, all_)
     settings = load_settings(config_yaml, broker, backend)
     keep = int(settings.option("dead_letter_max", 1000))
 
@@ -203,8 +209,7 @@ def purge_dead_letters(
     letter_ids: Sequence[str], all_: bool, queue: str | None, yes: bool,
 ) -> None:  # fmt: skip
     """Delete dead letters for good (asks first unless --yes)."""
-    if bool(letter_ids) == all_:
-        raise click.UsageError("Name one or more dead-letter ids, or pass --all (not both).")
+    _check_selection(letter_ids, all_)
     settings = load_settings(config_yaml, broker, backend)
     if not yes:
         what = "every dead letter" if all_ else f"{len(letter_ids)} dead letter(s)"

@@ -5,6 +5,7 @@ broker (and dead-lettered again, since it is still bad), then purged.
 """
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,27 @@ def test_dead_letter_round_trip(
     assert listed(settings, tmp_path) == []
     status = cli(settings, tmp_path, "status", "--json")
     assert status.exit_code == 0 and json.loads(status.stdout)["dead_letters"] == 0
+
+
+def test_dead_letters_are_capped_and_expire(settings: TaskiqSettings) -> None:
+    """Adding beyond ``keep`` drops the oldest; entries older than the TTL go; both keys expire."""
+
+    async def _fill(conn: TaskiqConnection) -> tuple[list[str], list[str], int, int, int]:
+        book = conn.keystore.dead_letter_book
+        old = await book.add(reason="old", raw=b"x", worker="w", keep=3, now=time.time() - 7200)
+        added = [
+            (await book.add(reason=f"r{i}", raw=b"y" * 70_000, worker="w", keep=3)).id
+            for i in range(4)
+        ]
+        kept = [letter.id for letter in await book.entries()]
+        redis, keys = conn.keystore.redis, conn.keystore.keys
+        ttls = [await redis.ttl(keys.dead_letter_entries), await redis.ttl(keys.dead_letter_index)]
+        fields = int(await redis.hlen(keys.dead_letter_entries))
+        return [old.id, *added], kept, fields, *ttls
+
+    ids, kept, fields, entries_ttl, index_ttl = run_async(settings, _fill)
+    assert kept == list(reversed(ids[-3:]))  # newest first; the aged one and the oldest are gone
+    assert fields == 3
+    assert 0 < entries_ttl <= 3600 and 0 < index_ttl <= 3600  # result_ttl of the test settings
+    letter = run_async(settings, lambda c: c.keystore.dead_letter_book.get(kept[0]))
+    assert letter.size == 70_000 and letter.truncated and len(letter.body) == 65536

@@ -7,6 +7,7 @@ line and exits 1; usage errors exit 2 (click's default).
 """
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import json
@@ -462,8 +463,11 @@ def _worker_document(info: Any) -> dict[str, Any]:
 
 @worker.command("list")
 @connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of worker records.")
 @user_errors
-def worker_list(config_yaml: str | None, broker: str | None, backend: str | None) -> None:
+def worker_list(
+    config_yaml: str | None, broker: str | None, backend: str | None, as_json: bool
+) -> None:
     """List live workers: name, host, pid, queues, concurrency, running tasks, last heartbeat."""
     settings = load_settings(config_yaml, broker, backend)
 
@@ -471,6 +475,9 @@ def worker_list(config_yaml: str | None, broker: str | None, backend: str | None
         return [_worker_document(w) for w in await conn.keystore.list_workers()]
 
     workers = with_connection(settings, _list)
+    if as_json:
+        click.echo(json.dumps(workers))
+        return
     if not workers:
         click.echo("No live workers.")
         return
@@ -586,10 +593,35 @@ async def _broker_depth(broker: Any, queue: str) -> int | None:
 @main.command("status")
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON object.")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.1),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Redraw every SECONDS (default 2) until interrupted (Ctrl-C).",
+)
 @user_errors
-def status(config_yaml: str | None, broker: str | None, backend: str | None, as_json: bool) -> None:
+def status(
+    config_yaml: str | None,
+    broker: str | None,
+    backend: str | None,
+    as_json: bool,
+    watch: float | None,
+) -> None:
     """Show queues (waiting tasks by priority), workers and in-flight tasks."""
     settings = load_settings(config_yaml, broker, backend)
+    if watch is not None:
+        from dagster_taskiq.commands.watch import watch_status
+
+        with contextlib.suppress(KeyboardInterrupt):
+            with_connection(
+                settings,
+                lambda conn: watch_status(conn, watch, collect_status, render_status, as_json),
+                operation_timeout=float("inf"),
+            )
+        return
     document = with_connection(settings, collect_status)
     if as_json:
         click.echo(json.dumps(document))
@@ -642,7 +674,11 @@ def render_status(document: dict[str, Any]) -> str:
         else "  (none)",
     ]
     if document["dead_letters"]:
-        parts += ["", f"DEAD LETTERS: {document['dead_letters']} rejected message(s) kept."]
+        parts += [
+            "",
+            f"DEAD LETTERS: {document['dead_letters']} rejected message(s) kept "
+            "(see 'dagster-taskiq dead-letters list').",
+        ]
     return "\n".join(parts)
 
 
@@ -650,4 +686,12 @@ main.add_command(demo)
 main.add_command(dev)
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's group: it registers the operator commands, whose modules import
+    # this one (doing that from __main__ would import this file a second time, mid-way).
+    from dagster_taskiq.cli import main as registered_main
+
+    registered_main()
+else:
+    from dagster_taskiq.commands import register as register_operator_commands
+
+    register_operator_commands(main)

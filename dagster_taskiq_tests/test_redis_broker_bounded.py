@@ -250,9 +250,9 @@ def test_lost_pop_reply_is_put_back_by_restore_strays(redis_url: str, prefix: st
             await kick(broker, b"second")
             score = await client.zscore(keys.queue("q"), b"second")
             popped = await broker._pop(keys=pop_keys(broker), args=["ghost-2", 30000, "x", 60])
-            assert popped == b"first"
+            assert popped == [b"first", broker.keys.queue("q").encode()]
             popped = await broker._pop(keys=pop_keys(broker), args=["ghost-3", 30000, "x", 60])
-            assert popped == b"second"
+            assert popped == [b"second", broker.keys.queue("q").encode()]
             assert await broker.holds("q", b"second")  # parked by a live consumer
             assert await broker.restore_strays() == 2
             assert await client.zscore(keys.queue("q"), b"second") == score
@@ -331,8 +331,9 @@ def test_retried_pop_with_the_same_token_returns_the_same_message(
             await kick(broker, b"one")
             await kick(broker, b"two")
             args = ["tok", 30000, broker.consumer, 60]
-            assert await broker._pop(keys=pop_keys(broker), args=args) == b"one"
-            assert await broker._pop(keys=pop_keys(broker), args=args) == b"one"
+            first = [b"one", broker.keys.queue("q").encode()]
+            assert await broker._pop(keys=pop_keys(broker), args=args) == first
+            assert await broker._pop(keys=pop_keys(broker), args=args) == first
             assert await client.zrange(broker.keys.queue("q"), 0, -1) == [b"two"]
             assert await broker.restore_strays() == 1
             assert await client.zrange(broker.keys.queue("q"), 0, -1) == [b"one", b"two"]

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from aio_pika import DeliveryMode, ExchangeType, Message, connect_robust
@@ -32,6 +32,7 @@ from taskiq_aio_pika.exceptions import NoStartupError
 from taskiq_aio_pika.exchange import Exchange
 from taskiq_aio_pika.queue import Queue, QueueType
 
+from dagster_taskiq.brokers.delivery import Delivery
 from dagster_taskiq.errors import InvalidTagError, TaskiqConfigError, TaskSubmissionError
 
 logger = logging.getLogger("dagster_taskiq")
@@ -188,7 +189,8 @@ class RoutedAioPikaBroker(AioPikaBroker):
         queue to a worker even when all its slots are busy; they then wait there, unseen by idle
         workers, until a slot frees or the worker exits. Here the consumers exist only while the
         worker waits for its next task: the first delivery is taken, the consumers are cancelled,
-        and anything delivered in the meantime goes straight back to its queue.
+        and anything delivered in the meantime goes straight back to its queue. Each message is a
+        :class:`~dagster_taskiq.brokers.delivery.Delivery` naming the queue it came from.
         """
         if self.read_channel is None:
             raise NoStartupError("Call startup() before listen().")
@@ -196,35 +198,40 @@ class RoutedAioPikaBroker(AioPikaBroker):
         queues = await self._declare_queues(self.read_channel)
         try:
             while True:
-                message = await self._take_one(queues)
-                yield AckableMessage(data=message.body, ack=message.ack)
+                message, queue_name = await self._take_one(queues)
+                yield Delivery(data=message.body, ack=message.ack, queue=queue_name)
         finally:
             await self._finish_cancelling()
 
     async def _take_one(
         self, queues: Sequence[tuple[AbstractQueue, dict[str, Any]]]
-    ) -> AbstractIncomingMessage:
-        taken: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
+    ) -> tuple[AbstractIncomingMessage, str]:
+        taken: asyncio.Future[tuple[AbstractIncomingMessage, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            if taken.done():  # a second delivery, or the pull was cancelled: hand it back
-                with contextlib.suppress(Exception):
-                    await message.reject(requeue=True)
-            else:
-                taken.set_result(message)
+        def on_message_from(name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                if taken.done():  # a second delivery, or the pull was cancelled: hand it back
+                    with contextlib.suppress(Exception):
+                        await message.reject(requeue=True)
+                else:
+                    taken.set_result((message, name))
+
+            return on_message
 
         consumers: list[tuple[AbstractQueue, str]] = []
         leftover: AbstractIncomingMessage | None = None
         try:
             for queue, arguments in queues:
-                tag = await queue.consume(on_message, arguments=arguments or None)
+                tag = await queue.consume(on_message_from(queue.name), arguments=arguments or None)
                 consumers.append((queue, tag))
             message = await taken
         except BaseException:
             if not taken.done():
                 taken.cancel()
             elif not taken.cancelled():  # delivered just as the pull was cancelled
-                leftover = taken.result()
+                leftover = taken.result()[0]
             raise
         finally:
             # Cancel in the background: the caller gets its message now, and on_message returns
@@ -352,6 +359,23 @@ class RoutedAioPikaBroker(AioPikaBroker):
             return await asyncio.wait_for(operation, self.confirm_timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"{what} within {self.confirm_timeout:g} s.") from None
+
+    async def purge(self, queue: str) -> int:
+        """Remove every message waiting in ``queue`` (not those delivered and unacknowledged);
+        returns how many (0 if the queue was never declared)."""
+        if self.write_conn is None:
+            raise TaskSubmissionError("The RabbitMQ broker is not started; call startup() first.")
+        channel = await self.write_conn.channel()
+        try:
+            try:
+                declared = await channel.declare_queue(name=queue, passive=True)
+            except Exception:
+                return 0
+            result = await self._bounded(declared.purge(), f"RabbitMQ did not purge '{queue}'")
+            return int(getattr(result, "message_count", 0) or 0)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def waiting(self, queue: str) -> int:
         """Messages waiting in ``queue`` (0 if it was never declared)."""

@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, Sequence
 from redis.asyncio import Redis
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
+from dagster_taskiq.brokers.delivery import Delivery
 from dagster_taskiq.lifecycle.keys import INDEX_TTL_SECONDS, KeySpace
 
 logger = logging.getLogger("dagster_taskiq.broker")
@@ -41,13 +42,16 @@ STRAY_CHECK_INTERVAL = 2.0
 _FIELD_SUFFIXES = ("q", "s", "m", "n")
 
 # Shared Lua helpers: put one parked message back, and put back or drop a whole hash.
-_LUA_HELPERS = """
+_LUA_HELPERS = (
+    """
 local function put_back(q, s, m, n)
   redis.call('ZADD', q, s, m)
   if n then
     redis.call('LPUSH', n, '1')
     redis.call('LTRIM', n, 0, 63)
-    redis.call('EXPIRE', n, """ + str(INDEX_TTL_SECONDS) + """)
+    redis.call('EXPIRE', n, """
+    + str(INDEX_TTL_SECONDS)
+    + """)
   end
 end
 
@@ -78,6 +82,7 @@ local function put_back_all(hash, drop)
   return restored
 end
 """
+)
 
 # KEYS[1] queue zset, KEYS[2] queue notify list, KEYS[3] sequence, KEYS[4] queue registry set.
 # ARGV: priority, member, queue name, index ttl (s). Returns 1 if added, 0 if these exact bytes
@@ -99,8 +104,8 @@ return added
 
 # KEYS[1] unacked hash, KEYS[2] consumer liveness key, KEYS[3] consumer registry set,
 # KEYS[4 .. 3+n] queue zsets, KEYS[4+n .. 3+2n] their notify lists (same order).
-# ARGV: token, liveness ttl ms, consumer name, index ttl (s). Returns the message, or false if
-# all are empty.
+# ARGV: token, liveness ttl ms, consumer name, index ttl (s). Returns {message, queue zset key}, or
+# false if all are empty.
 # When messages remain, one notify list of a non-empty queue is pushed to wake a sibling.
 # Idempotent per token: if a message is already parked under the token (the client retried a pop
 # whose reply was lost), that message is returned again and nothing else is popped; otherwise
@@ -110,7 +115,7 @@ redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 local already = redis.call('HGET', KEYS[1], ARGV[1] .. ':m')
-if already then return already end
+if already then return {already, redis.call('HGET', KEYS[1], ARGV[1] .. ':q')} end
 local n = (#KEYS - 3) / 2
 local best, best_score, best_text, best_member = nil, nil, nil, nil
 for i = 4, 3 + n do
@@ -135,7 +140,7 @@ for i = 4, 3 + n do
     break
   end
 end
-return best_member
+return {best_member, KEYS[best]}
 """
 
 # KEYS[1] unacked hash. ARGV: token.
@@ -336,12 +341,15 @@ class RedisPriorityBroker(AsyncBroker):
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         """Yield messages, best priority first across all listened queues, one per pull.
 
+        Each is a :class:`~dagster_taskiq.brokers.delivery.Delivery` naming its queue.
+
         Each message stays parked under this consumer until its ``ack`` is awaited; see the class
         docstring for what happens to messages that are never acknowledged.
         """
         if not self.listen_queues:
             raise RuntimeError("RedisPriorityBroker.listen() needs listen_queues")
         queue_keys = [self.keys.queue(q) for q in self.listen_queues]
+        queue_names = {key: name for key, name in zip(queue_keys, self.listen_queues, strict=True)}
         notify_keys = [self.keys.queue_notify(q) for q in self.listen_queues]
         pop_keys = [
             self._unacked_key,
@@ -358,7 +366,7 @@ class RedisPriorityBroker(AsyncBroker):
             # Held before the pop is sent, so restore_strays never takes a message in flight.
             self._held.add(token)
             try:
-                member = await self._pop(
+                popped = await self._pop(
                     keys=pop_keys,
                     args=[token, self._liveness_ms, self.consumer, INDEX_TTL_SECONDS],
                 )
@@ -370,11 +378,16 @@ class RedisPriorityBroker(AsyncBroker):
                 # restore_strays puts any message parked under it back in line.
                 self._held.discard(token)
                 raise
-            if member is None:
+            if popped is None:
                 self._held.discard(token)
                 await self.redis.blpop(notify_keys, timeout=self.poll_timeout)
                 continue
-            yield AckableMessage(data=member, ack=_Acker(self, token))
+            member, queue_key = popped
+            yield Delivery(
+                data=member,
+                ack=_Acker(self, token),
+                queue=queue_names.get(_text(queue_key or b"")),
+            )
 
     async def _acknowledge(self, token: str) -> None:
         """Drop the parked entry of ``token``; release the token only once Redis confirmed it."""
@@ -497,6 +510,15 @@ class RedisPriorityBroker(AsyncBroker):
             priority = -int(score // _SCORE_SCALE)
             counts[priority] = counts.get(priority, 0) + 1
         return counts
+
+    async def purge(self, queue: str) -> int:
+        """Remove every message waiting in ``queue`` (not those a consumer already took);
+        returns how many."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zcard(self.keys.queue(queue))
+            pipe.delete(self.keys.queue(queue))
+            count, _ = await pipe.execute()
+        return int(count)
 
     async def known_queues(self) -> list[str]:
         """Names of queues that have had messages (from the queue registry), sorted."""

@@ -112,9 +112,8 @@ def assess(record: TaskRecord, now: float | None = None) -> Assessment:
     if state is TaskState.LOST:
         return Assessment(Health.LOST, Action.FORGET, lost_message(record, now))
     if state is TaskState.REVOKED:
-        return Assessment(
-            Health.REVOKED, Action.FORGET, f"{task} was revoked (its run was terminated)."
-        )
+        why = record.revoke_reason or "its run was terminated"
+        return Assessment(Health.REVOKED, Action.FORGET, f"{task} was revoked ({why}).")
     outcome = outcome_of(record)
     if outcome is None:
         return Assessment(
@@ -134,12 +133,12 @@ def assess(record: TaskRecord, now: float | None = None) -> Assessment:
             outcome.message or f"Worker {outcome.worker} finished {task_}.",
             outcome,
         )
-    return Assessment(
-        Health.FAILED,
-        Action.FORGET,
-        outcome.message or f"{task} ended with status {outcome.status} on worker {outcome.worker}.",
-        outcome,
+    message = outcome.message or (
+        f"{task} ended with status {outcome.status} on worker {outcome.worker}."
     )
+    if record.revoke_reason:
+        message = f"{message} Revoked: {record.revoke_reason}."
+    return Assessment(Health.FAILED, Action.FORGET, message, outcome)
 
 
 def lost_message(record: TaskRecord, now: float | None = None) -> str:

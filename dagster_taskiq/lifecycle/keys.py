@@ -14,12 +14,16 @@ Layout (``P`` is ``config_source.key_prefix``, default ``dagster_taskiq``)::
     P:idx:queues         set     names of queues that have had messages
     P:worker:NAME        hash    a worker's liveness record; TTL = liveness
     P:shutdown:NAME      string  asks worker NAME to shut down
-    P:dead_letters       list    refused messages, newest first
+    P:dead:entries       hash    refused messages: dead-letter id -> JSON entry
+    P:dead:index         zset    dead-letter ids by the time they were refused
     P:q:QUEUE            zset    a queue's waiting messages (Redis broker)
     P:notify:QUEUE       list    wakes consumers blocked on QUEUE
     P:seq                string  submission counter (ties within a priority)
     P:unacked:CONSUMER   hash    messages a consumer popped and has not acknowledged
     P:consumer:CONSUMER  string  a consumer's liveness; TTL = liveness
+
+The dead letters are capped at ``dead_letter_max`` entries and expire ``result_ttl`` after the
+last one was added (older entries are pruned whenever one is added).
 
 Registries, the sequence counter and notify lists expire ``INDEX_TTL_SECONDS`` after their last
 use; the due and in-flight indexes empty (and so vanish) when no task is in flight.
@@ -127,9 +131,14 @@ class KeySpace:
         return f"{self.prefix}:shutdown:{name}"
 
     @property
-    def dead_letters(self) -> str:
-        """List of messages workers refused, newest first."""
-        return f"{self.prefix}:dead_letters"
+    def dead_letter_entries(self) -> str:
+        """Hash of the messages workers refused: dead-letter id to its JSON entry."""
+        return f"{self.prefix}:dead:entries"
+
+    @property
+    def dead_letter_index(self) -> str:
+        """Sorted set of dead-letter ids, scored by when they were refused."""
+        return f"{self.prefix}:dead:index"
 
     # -- Redis broker ----------------------------------------------------------------------
     def queue(self, name: str) -> str:

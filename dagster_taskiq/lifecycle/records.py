@@ -41,6 +41,8 @@ class TaskRecord:
     holder_alive: bool | None = None
     #: The outcome its worker recorded (serdes JSON), once finished.
     outcome_json: str | None = None
+    #: Why it was revoked, when whoever revoked it said so (``dagster-taskiq task revoke``).
+    revoke_reason: str | None = None
 
     @property
     def is_active(self) -> bool:
@@ -103,6 +105,7 @@ class TaskRecord:
             lease_alive=lease_alive,
             holder_alive=holder_alive,
             outcome_json=data.get("outcome") or None,
+            revoke_reason=data.get("revoke_reason") or None,
         )
 
 

@@ -149,6 +149,10 @@ return final
 REVOKE = _WAKE_STEP_WAITERS + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'unknown' end
+local live = state == 'queued' or state == 'claimed' or state == 'running'
+if live and ARGV[3] and ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'revoke_reason', ARGV[3])
+end
 local task_id = redis.call('HGET', KEYS[1], 'task_id')
 if state == 'queued' or state == 'claimed' then
   redis.call('HSET', KEYS[1], 'state', 'revoked', 'finished_at', ARGV[1], 'status', 'revoked')

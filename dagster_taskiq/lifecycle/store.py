@@ -7,7 +7,6 @@ when to call it, and :func:`dagster_taskiq.lifecycle.health.assess` decides what
 
 import dataclasses
 import hashlib
-import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from dagster_taskiq.lifecycle import scripts
+from dagster_taskiq.lifecycle.deadletters import DeadLetter, DeadLetterBook
 from dagster_taskiq.lifecycle.keys import RUN_TASK_INDEX_FIELD, KeySpace
 from dagster_taskiq.lifecycle.lease import LeasePolicy
 from dagster_taskiq.lifecycle.records import TaskRecord, WorkerInfo
@@ -113,6 +113,8 @@ class TaskStore:
         self._take_due = redis.register_script(scripts.TAKE_DUE)
         self._register_worker = redis.register_script(scripts.REGISTER_WORKER)
         self._remove_worker = redis.register_script(scripts.REMOVE_WORKER)
+        #: The dead letters: list, show, take (replay, purge) and add.
+        self.dead_letter_book = DeadLetterBook(redis, keys, result_ttl)
 
     @property
     def prefix(self) -> str:
@@ -171,11 +173,14 @@ class TaskStore:
         )
         return bool(result)
 
-    async def revoke(self, task_id: str, now: float | None = None) -> str:
+    async def revoke(
+        self, task_id: str, now: float | None = None, reason: str | None = None
+    ) -> str:
         """Revoke a task; returns the state it was in (``unknown`` if there is no record).
 
         A queued or claimed task becomes ``revoked`` and never starts; a running one becomes
-        ``revoking`` and its worker stops the process on its next renewal.
+        ``revoking`` and its worker stops the process on its next renewal. ``reason`` (say, who
+        revoked it) is kept on the record, and the step's health check reports it.
         """
         now = time.time() if now is None else now
         record = self.keys.task(task_id)
@@ -183,7 +188,7 @@ class TaskStore:
         wake = self.keys.run_wake(_text(run_id) if run_id else "")
         result = await self._revoke(
             keys=[record, self.keys.inflight, self.keys.due, wake],
-            args=[repr(now), self.result_ttl],
+            args=[repr(now), self.result_ttl, reason or ""],
         )
         return _text(result)
 
@@ -453,29 +458,24 @@ class TaskStore:
 
     # -- dead letters ------------------------------------------------------------------------
     async def dead_letter(
-        self, reason: str, raw: bytes, worker: str, keep: int = 1000, task_id: str | None = None
-    ) -> None:
-        """Keep a refused message aside with why it was refused (kept ``result_ttl``)."""
-        entry = json.dumps(
-            {
-                "reason": reason,
-                "worker": worker,
-                "at": time.time(),
-                "task_id": task_id,
-                "message": raw[:65536].decode("utf-8", errors="backslashreplace"),
-            }
+        self,
+        reason: str,
+        raw: bytes,
+        worker: str,
+        keep: int = 1000,
+        task_id: str | None = None,
+        queue: str | None = None,
+    ) -> DeadLetter:
+        """Keep a refused message aside with why it was refused and the queue it came from
+        (capped at ``keep`` entries, kept ``result_ttl``); returns the entry with its id."""
+        return await self.dead_letter_book.add(
+            reason=reason, raw=raw, worker=worker, keep=keep, queue=queue, task_id=task_id
         )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lpush(self.keys.dead_letters, entry)
-            pipe.ltrim(self.keys.dead_letters, 0, keep - 1)
-            pipe.expire(self.keys.dead_letters, self.result_ttl)
-            await pipe.execute()
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The most recent refused messages, newest first."""
-        raw = await self.redis.lrange(self.keys.dead_letters, 0, limit - 1)
-        return [json.loads(v) for v in raw]
+        """The most recent refused messages, newest first (without their bodies)."""
+        return [letter.summary() for letter in await self.dead_letter_book.entries(limit)]
 
     async def dead_letter_count(self) -> int:
         """How many refused messages are kept."""
-        return int(await self.redis.llen(self.keys.dead_letters))
+        return await self.dead_letter_book.count()

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from taskiq import AckableMessage, TaskiqMessage
 
+from dagster_taskiq.brokers.delivery import Delivery
 from dagster_taskiq.compat import DagsterRun
 from dagster_taskiq.connection import TaskiqConnection
 from dagster_taskiq.errors import BadMessageError
@@ -69,12 +70,13 @@ class Intake:
     async def take(self, message: AckableMessage | bytes) -> bool:
         """Claim and start one message. Returns True if a task process now runs it."""
         data = message.data if isinstance(message, AckableMessage) else message
+        queue = message.queue if isinstance(message, Delivery) else None
         ack = message.ack if isinstance(message, AckableMessage) else None
         try:
             taskiq_message = self.conn.broker.formatter.loads(data)
         except Exception as exc:
             await self._refuse(
-                f"Undecodable message ({type(exc).__name__}); expected taskiq JSON.", data
+                f"Undecodable message ({type(exc).__name__}); expected taskiq JSON.", data, queue
             )
             await _acknowledge(ack)
             return False
@@ -82,7 +84,7 @@ class Intake:
         try:
             payload = validate_message(taskiq_message, self.conn.settings.signing_key)
         except BadMessageError as exc:
-            await self._refuse(str(exc), data, task_id)
+            await self._refuse(str(exc), data, queue, task_id)
             await _acknowledge(ack)
             return False
         conn = self.conn
@@ -99,6 +101,7 @@ class Intake:
                 f"Task {task_id} has no record in the key store (never submitted through "
                 "dagster-taskiq, or expired).",
                 data,
+                queue,
                 task_id,
             )
             return False
@@ -107,6 +110,7 @@ class Intake:
                 f"Task {task_id}: the message body does not match the payload registered for "
                 "this task id; refusing to run it (forged or corrupted message).",
                 data,
+                queue,
                 task_id,
             )
             return False
@@ -153,8 +157,10 @@ class Intake:
             self.supervisor.launch(record, fence, payload, dagster_run, sent_at)
         return True
 
-    async def _refuse(self, reason: str, data: bytes, task_id: str | None = None) -> None:
-        await dead_letter(self.conn, self.options.name, reason, data, task_id)
+    async def _refuse(
+        self, reason: str, data: bytes, queue: str | None, task_id: str | None = None
+    ) -> None:
+        await dead_letter(self.conn, self.options.name, reason, data, task_id, queue)
 
     async def _persist(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Retry while the key store is unreachable; a stop request gives up (what was half

@@ -28,6 +28,7 @@ from dagster_taskiq.worker.warm import WarmCache
 
 logger = logging.getLogger("dagster_taskiq.worker")
 
+
 class Supervisor:
     """Runs task processes and finishes their tasks. One per worker."""
 
@@ -112,7 +113,12 @@ class Supervisor:
             if outcome.status == Outcome.BAD_MESSAGE:
                 message = await keystore.message(record.task_id) or b""
                 await dead_letter(
-                    self.conn, self.options.name, outcome.message, message, record.task_id
+                    self.conn,
+                    self.options.name,
+                    outcome.message,
+                    message,
+                    record.task_id,
+                    record.queue,
                 )
                 outcome = outcome._replace(status=Outcome.FAILURE.value)
             if held.revoked and not held.lost and isinstance(payload, RunTaskPayload):

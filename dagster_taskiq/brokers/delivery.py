@@ -1,0 +1,13 @@
+"""A delivered message that remembers which queue it came from."""
+
+from taskiq import AckableMessage
+
+
+class Delivery(AckableMessage):
+    """An :class:`~taskiq.AckableMessage` plus the name of the queue it was taken from.
+
+    Workers record that queue with a message they dead-letter, so that an operator can see where
+    it came from and ``dead-letters replay`` can put it back there.
+    """
+
+    queue: str | None = None

@@ -123,7 +123,12 @@ class Worker:
         heartbeat = Heartbeat(
             conn, self.options, self.instance, self.info, guard, intake, self.request_stop
         )
-        await conn.start()
+        try:
+            await conn.start()
+        except BaseException:
+            if endpoint:
+                endpoint.close()
+            raise
         try:
             await heartbeat.register()
         except WorkerNameTaken:

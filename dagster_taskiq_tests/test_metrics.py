@@ -32,18 +32,18 @@ from dagster_taskiq_tests.private_brokers import PrivateRedis, free_port
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def http_get(url: str) -> tuple[int, str]:
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     """Status code and body of a GET (an HTTP error status is returned, not raised)."""
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
 
 
-def scrape(port: int) -> Samples:
+def scrape(port: int, timeout: float = 5.0) -> Samples:
     """Every sample of ``/metrics`` on ``port``: (name, sorted labels) to value."""
-    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    status, body = http_get(f"http://127.0.0.1:{port}/metrics", timeout)
     assert status == 200, body
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -180,24 +180,7 @@ def test_exporter_gauges(settings: TaskiqSettings, workers: WorkerPool, tmp_path
     _waiting_task(settings, idle, 0)
     poison = json.dumps({"task_id": "x", "labels": {QUEUE_LABEL: idle}}).encode()
     run_async(settings, lambda c: c.keystore.dead_letter("poison", poison, "test-worker"))
-    config = tmp_path / "exporter.yaml"
-    config.write_text(yaml.safe_dump(executor_config(settings)))
-    port = free_port()
-    exporter = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dagster_taskiq.cli",
-            "exporter",
-            "-y",
-            str(config),
-            "--port",
-            str(port),
-        ],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    exporter, port = _start_exporter(settings, tmp_path)
     try:
         samples = wait_for(lambda: _try_scrape(port, exporter), 60, 0.2, "the exporter")
         assert value(samples, "exporter_up") == 1
@@ -213,6 +196,23 @@ def test_exporter_gauges(settings: TaskiqSettings, workers: WorkerPool, tmp_path
         exporter.terminate()
         output = exporter.communicate(timeout=20)[0].decode(errors="replace")
     assert exporter.returncode == 0, output
+
+
+def _start_exporter(
+    settings: TaskiqSettings, tmp_path: Path
+) -> "tuple[subprocess.Popen[bytes], int]":
+    """A real ``dagster-taskiq exporter`` process for ``settings``, and its port."""
+    config = tmp_path / "exporter.yaml"
+    config.write_text(yaml.safe_dump(executor_config(settings)))
+    port = free_port()
+    command = [sys.executable, "-m", "dagster_taskiq.cli", "exporter", "-y", str(config)]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    return process, port
 
 
 def _try_scrape(port: int, process: "subprocess.Popen[bytes]") -> Samples | None:
@@ -252,3 +252,25 @@ def test_metrics_port_in_use_is_one_line(
     )
     assert second.returncode == 1, second.stderr
     assert f"Cannot serve metrics on 127.0.0.1:{port}" in second.stderr
+
+
+def test_exporter_reports_itself_down_while_redis_is_paused(
+    private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    settings = isolated_settings("redis", private_redis.url(), "")
+    exporter, port = _start_exporter(settings, tmp_path)
+    try:
+        samples = wait_for(lambda: _try_scrape(port, exporter), 60, 0.2, "the exporter")
+        assert value(samples, "exporter_up") == 1
+        private_redis.pause()
+        try:
+            assert value(scrape(port, timeout=30), "exporter_up") == 0
+        finally:
+            private_redis.resume()
+        wait_for(
+            lambda: value(scrape(port, timeout=30), "exporter_up") == 1, 60, 0.2, "exporter up"
+        )
+    finally:
+        exporter.terminate()
+        output = exporter.communicate(timeout=20)[0].decode(errors="replace")
+    assert exporter.returncode == 0, output

@@ -1,5 +1,6 @@
 """``dagster-taskiq exporter``: serve the cluster gauges for Prometheus, one per deployment."""
 
+import asyncio
 import logging
 import signal
 import sys
@@ -19,6 +20,10 @@ from dagster_taskiq.metrics.server import MetricsServer
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+#: A scrape gives up reading the cluster after this many seconds (and reports exporter_up 0).
+SCRAPE_TIMEOUT = 10.0
+
+
 def serve_exporter(
     settings: TaskiqSettings, host: str, port: int, read_status: StatusReader
 ) -> None:
@@ -28,7 +33,7 @@ def serve_exporter(
 
     def snapshot() -> dict[str, Any]:
         async def _read(conn: TaskiqConnection) -> dict[str, Any]:
-            return await cluster_snapshot(conn, read_status)
+            return await asyncio.wait_for(cluster_snapshot(conn, read_status), SCRAPE_TIMEOUT)
 
         result: dict[str, Any] = client.run(_read)
         return result

@@ -29,6 +29,7 @@ setup(
         "click>=8",
         "psutil>=5.9",
         "PyYAML>=6",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "rabbitmq": ["taskiq-aio-pika>=0.6.1,<0.7"],

@@ -12,6 +12,8 @@ from benchmarks.scenarios import MODES, SCENARIOS
 
 #: Kept here (not imported from benchmarks.env) so that ``report`` does not import Dagster.
 EXECUTOR_NAMES = ("taskiq_redis", "taskiq_rabbitmq", "in_process", "multiprocess", "celery_redis")
+#: ``--metrics`` adds, for each taskiq executor, this variant whose workers serve metrics.
+METRICS_SUFFIX = "_metrics"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -41,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-warmup", action="store_true", help="skip the unmeasured first round")
     run.add_argument(
         "--no-skip", action="store_true", help="also run executor/scenario pairs skipped as slow"
+    )
+    run.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also run each taskiq executor with workers started with --metrics-port (as "
+        "<executor>_metrics), to measure the metrics' cost on and off in one run",
     )
     run.add_argument("--workers", type=int, default=2, help="workers per executor (default 2)")
     run.add_argument("--concurrency", type=int, default=1, help="slots per worker (default 1)")
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown += [e for e in executors if e not in EXECUTOR_NAMES]
     if unknown:
         _parser().error(f"unknown scenario or executor: {', '.join(unknown)}")
+    if args.metrics:
+        executors += [f"{e}{METRICS_SUFFIX}" for e in executors if e.startswith("taskiq_")]
     rounds = args.rounds if args.rounds is not None else int(mode["rounds"])  # type: ignore[call-overload]
     out_path = args.out
     if out_path is None:
@@ -103,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.env import EXECUTORS, BenchEnv
     from benchmarks.runner import Session
 
-    assert set(EXECUTORS) == set(EXECUTOR_NAMES)
+    variants = {f"{e}{METRICS_SUFFIX}" for e in EXECUTOR_NAMES if e.startswith("taskiq_")}
+    assert set(EXECUTORS) == set(EXECUTOR_NAMES) | variants
     env = BenchEnv(
         executors,
         redis_url=args.redis_url,

@@ -40,6 +40,13 @@ class ExecutorSpec:
     family: str
     label: str
     workers: str | None  # "taskiq", "celery" or None (runs inside the orchestrator)
+    #: Whether its workers serve Prometheus metrics (``worker start --metrics-port``).
+    metrics: bool = False
+
+    @property
+    def broker(self) -> str:
+        """``rabbitmq`` for the RabbitMQ taskiq executors, else ``redis``."""
+        return "rabbitmq" if self.name.startswith("taskiq_rabbitmq") else "redis"
 
 
 EXECUTORS: dict[str, ExecutorSpec] = {
@@ -48,6 +55,20 @@ EXECUTORS: dict[str, ExecutorSpec] = {
         ExecutorSpec("taskiq_redis", "taskiq", "taskiq_executor, Redis", "taskiq"),
         ExecutorSpec(
             "taskiq_rabbitmq", "taskiq", "taskiq_executor, RabbitMQ + Redis backend", "taskiq"
+        ),
+        ExecutorSpec(
+            "taskiq_redis_metrics",
+            "taskiq",
+            "taskiq_executor, Redis, worker metrics on",
+            "taskiq",
+            metrics=True,
+        ),
+        ExecutorSpec(
+            "taskiq_rabbitmq_metrics",
+            "taskiq",
+            "taskiq_executor, RabbitMQ, worker metrics on",
+            "taskiq",
+            metrics=True,
         ),
         ExecutorSpec("in_process", "in_process", "in_process_executor", None),
         ExecutorSpec("multiprocess", "multiprocess", "multiprocess_executor (2, forkserver)", None),
@@ -298,7 +319,7 @@ class BenchEnv:
             self.redis_url = self.private_redis.url
         for name in self.requested:
             spec = EXECUTORS[name]
-            if name == "taskiq_rabbitmq" and not port_open(self.amqp_url, 5672):
+            if spec.broker == "rabbitmq" and not port_open(self.amqp_url, 5672):
                 self.skipped[name] = f"RabbitMQ is not reachable at {_redact(self.amqp_url)}"
                 continue
             if spec.family == "celery" and not celery_available():
@@ -354,6 +375,8 @@ class BenchEnv:
                     "-n",
                     name,
                 ]
+                if spec.metrics:
+                    command += ["--metrics-port", str(_free_port())]
                 setup.workers.append(
                     WorkerProc(
                         name,
@@ -453,7 +476,7 @@ class BenchEnv:
         prefix = f"dt-bench-{self.uid}-{name}"
         source: dict[str, Any] = {"key_prefix": prefix, "result_ttl": 3600}
         broker = self.redis_url
-        if name == "taskiq_rabbitmq":
+        if EXECUTORS[name].broker == "rabbitmq":
             broker = self.amqp_url
             source["exchange"] = prefix
             source["queue_arguments"] = {"x-expires": 600_000}

@@ -16,7 +16,17 @@ CELERY = "celery_redis"
 IN_PROCESS = "in_process"
 #: Record types that :func:`summarize` derives from the raw ``meta``/``run``/``skip`` records.
 DERIVED_TYPES = frozenset({"summary", "target", "scaling"})
-ORDER = ("taskiq_redis", "taskiq_rabbitmq", "in_process", "multiprocess", "celery_redis")
+ORDER = (
+    "taskiq_redis",
+    "taskiq_redis_metrics",
+    "taskiq_rabbitmq",
+    "taskiq_rabbitmq_metrics",
+    "in_process",
+    "multiprocess",
+    "celery_redis",
+)
+#: Worker metrics (``--metrics`` runs) may cost at most this fraction of wall time.
+METRICS_OVERHEAD_TARGET = 0.02
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -137,6 +147,23 @@ def _targets(summaries: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[
                     "met": ratio <= SLEEPY_SLACK,
                 }
             )
+        for scenario in ("chain_20", "fanout_100"):
+            plain, measured = (
+                index.get((scenario, executor)),
+                index.get((scenario, f"{executor}_metrics")),
+            )
+            if plain and measured and plain["median_wall_s"] and measured["median_wall_s"]:
+                overhead = measured["median_wall_s"] / plain["median_wall_s"] - 1.0
+                targets.append(
+                    {
+                        "type": "target",
+                        "executor": f"{executor}_metrics",
+                        "target": f"{scenario} worker metrics overhead <= 2%",
+                        "value": overhead,
+                        "limit": METRICS_OVERHEAD_TARGET,
+                        "met": overhead <= METRICS_OVERHEAD_TARGET,
+                    }
+                )
         runs = index.get(("runs_50", executor))
         if runs:
             targets.append(

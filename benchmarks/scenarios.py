@@ -37,7 +37,8 @@ class Scenario:
         return per_run * self.launch_count if self.kind == "launch" else per_run
 
     def applies_to(self, executor: str, no_skip: bool = False) -> bool:
-        """Whether this scenario runs on ``executor``."""
+        """Whether this scenario runs on ``executor`` (a ``*_metrics`` variant like its base)."""
+        executor = executor.removesuffix("_metrics")
         if self.only and executor not in self.only:
             return False
         return no_skip or executor not in self.skip

@@ -27,6 +27,7 @@ from dagster_taskiq.config import TaskiqSettings, redact_url, resolve_settings
 from dagster_taskiq.errors import DagsterTaskiqError, UnknownWorkerError
 from dagster_taskiq.local.demo import demo
 from dagster_taskiq.local.dev import dev
+from dagster_taskiq.metrics.exporter_command import exporter_command
 from dagster_taskiq.version import __version__
 from dagster_taskiq.worker.options import worker_name_for
 
@@ -285,6 +286,18 @@ def worker() -> None:
     default=None,
     help="With --background: where the worker logs (default: a file in the temp directory).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve /metrics, /healthz and /readyz on this port (default: no metrics server).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics server binds (0.0.0.0 to be scraped from other hosts).",
+)
 @user_errors
 def worker_start(
     config_yaml: str | None,
@@ -299,6 +312,8 @@ def worker_start(
     heartbeat_interval: float,
     shutdown_timeout: float | None,
     logfile: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Start a worker serving the given queues."""
     from dagster_taskiq.lifecycle.keys import validate_worker_name
@@ -347,6 +362,8 @@ def worker_start(
             args += ["-i", module]
         if shutdown_timeout is not None:
             args += ["--shutdown-timeout", str(shutdown_timeout)]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port), "--metrics-host", metrics_host]
         _start_in_background(settings, args, name, logfile)
         return
     logging.basicConfig(
@@ -362,6 +379,8 @@ def worker_start(
         liveness_ttl=max(5.0, heartbeat_interval * 5),
         shutdown_timeout=shutdown_timeout,
         includes=tuple(includes),
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     sys.exit(run_worker(settings, options))
 
@@ -684,6 +703,7 @@ def render_status(document: dict[str, Any]) -> str:
 
 main.add_command(demo)
 main.add_command(dev)
+main.add_command(exporter_command(connection_options, user_errors, load_settings, collect_status))
 
 if __name__ == "__main__":
     # Run the imported module's group: it registers the operator commands, whose modules import

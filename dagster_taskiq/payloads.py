@@ -42,7 +42,8 @@ class TaskOutcome(NamedTuple):
     ``status`` is one of ``success`` (the process exited 0), ``failure`` (it exited non-zero or
     crashed), ``revoked`` (it was revoked before or while running), ``lost`` (its worker stopped
     it after the task was declared lost) or ``skipped`` (a duplicate delivery or a run that had
-    already ended).
+    already ended). ``step_failed`` is set when a step task ran to its end (``success``) but
+    the step itself failed or asked for a retry (worker metrics count it as a failure).
     """
 
     status: str
@@ -50,6 +51,7 @@ class TaskOutcome(NamedTuple):
     exit_code: int | None = None
     message: str = ""
     error: SerializableErrorInfo | None = None
+    step_failed: bool = False
 
 
 def encode(value: StepTaskPayload | RunTaskPayload | TaskOutcome) -> str:

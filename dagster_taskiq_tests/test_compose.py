@@ -286,3 +286,21 @@ def test_readme_shows_the_compose_commands_exactly(compose: dict[str, Any]) -> N
         assert line in readme, f"README.md does not show the {name} command: {line}"
     assert "docker compose up --build" in readme
     assert "docker compose --profile rabbitmq up --build" in readme
+
+
+def test_workers_are_healthchecked_on_their_metrics_port(compose: dict[str, Any]) -> None:
+    from dagster_taskiq.metrics.server import HEALTH_PATH
+
+    workers = {n: s for n, s in compose["services"].items() if n.startswith("worker-")}
+    assert workers
+    for name, service in workers.items():
+        _, params = resolve_click(service["command"][0], service["command"][1:])
+        port = params["metrics_port"]
+        assert port is not None, f"{name} serves no metrics port, so nothing to healthcheck"
+        # The healthcheck runs inside the container: the default loopback bind is enough.
+        assert params["metrics_host"] == "127.0.0.1", name
+        test = service["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "-c"], name
+        urls = re.findall(r"urlopen\('([^']+)'", test[3])
+        assert urls == [f"http://127.0.0.1:{port}{HEALTH_PATH}"], name
+        assert service["healthcheck"]["start_period"], name

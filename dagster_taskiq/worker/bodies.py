@@ -62,6 +62,7 @@ def run_step(
             f"'{payload.step_key}' was not run. Check that workers share the instance storage.",
         )
     ended = False
+    failed = False
     try:
         for event in _step_events(
             args,
@@ -78,6 +79,7 @@ def run_step(
                 or event.is_step_skipped
             ):
                 ended = True
+                failed = event.is_step_failure or event.is_step_up_for_retry
                 if step_done is not None:
                     step_done()
     except BaseException:
@@ -102,7 +104,7 @@ def run_step(
             f"{worker}: Dagster refused to start it (an earlier attempt of it had already "
             "started, or the run is ending). See the run's engine events for the reason.",
         )
-    return TaskOutcome(status=Outcome.SUCCESS.value, worker=worker, exit_code=0)
+    return TaskOutcome(status=Outcome.SUCCESS.value, worker=worker, exit_code=0, step_failed=failed)
 
 
 def _step_events(

@@ -19,12 +19,14 @@ from typing import Any, TypeVar
 from taskiq import AckableMessage, TaskiqMessage
 
 from dagster_taskiq.brokers.delivery import Delivery
+from dagster_taskiq.brokers.factory import QUEUE_LABEL
 from dagster_taskiq.compat import DagsterRun
 from dagster_taskiq.connection import TaskiqConnection
 from dagster_taskiq.errors import BadMessageError
 from dagster_taskiq.lifecycle.retry import retrying
-from dagster_taskiq.lifecycle.states import ClaimResult
+from dagster_taskiq.lifecycle.states import ClaimResult, TaskKind
 from dagster_taskiq.lifecycle.store import message_digest
+from dagster_taskiq.metrics.recorder import UNKNOWN_LABEL, NullRecorder, TaskRecorder
 from dagster_taskiq.payloads import (
     KNOWN_TASK_NAMES,
     STEP_TASK_NAME,
@@ -54,8 +56,10 @@ class Intake:
         cache: WarmCache,
         supervisor: Supervisor,
         stopping: Callable[[], bool],
+        recorder: TaskRecorder | None = None,
     ) -> None:
         self.conn = conn
+        self.recorder: TaskRecorder = recorder or NullRecorder()
         self.options = options
         self.instance = instance
         self.cache = cache
@@ -81,10 +85,11 @@ class Intake:
             await _acknowledge(ack)
             return False
         task_id = taskiq_message.task_id
+        labels = _labels_of(taskiq_message)
         try:
             payload = validate_message(taskiq_message, self.conn.settings.signing_key)
         except BadMessageError as exc:
-            await self._refuse(str(exc), data, queue, task_id)
+            await self._refuse(str(exc), data, queue, task_id, labels)
             await _acknowledge(ack)
             return False
         conn = self.conn
@@ -103,6 +108,7 @@ class Intake:
                 data,
                 queue,
                 task_id,
+                labels,
             )
             return False
         if claim.result is ClaimResult.MISMATCH:
@@ -112,6 +118,7 @@ class Intake:
                 data,
                 queue,
                 task_id,
+                labels,
             )
             return False
         if claim.result is ClaimResult.REVOKED:
@@ -158,9 +165,15 @@ class Intake:
         return True
 
     async def _refuse(
-        self, reason: str, data: bytes, queue: str | None, task_id: str | None = None
+        self,
+        reason: str,
+        data: bytes,
+        queue: str | None,
+        task_id: str | None = None,
+        labels: tuple[str, str] = (UNKNOWN_LABEL, UNKNOWN_LABEL),
     ) -> None:
         await dead_letter(self.conn, self.options.name, reason, data, task_id, queue)
+        self.recorder.refused(*labels)
 
     async def _persist(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Retry while the key store is unreachable; a stop request gives up (what was half
@@ -231,6 +244,18 @@ def validate_message(
     if message.task_name == STEP_TASK_NAME:
         return decode_step(message.args[0], message.task_id)
     return decode_run(message.args[0], message.task_id)
+
+
+def _labels_of(message: TaskiqMessage) -> tuple[str, str]:
+    """The metric ``queue`` and ``kind`` of a message, as far as it tells them."""
+    queue = message.labels.get(QUEUE_LABEL)
+    if message.task_name == STEP_TASK_NAME:
+        kind = TaskKind.STEP.value
+    elif message.task_name in KNOWN_TASK_NAMES:
+        kind = TaskKind.RUN.value
+    else:
+        kind = UNKNOWN_LABEL
+    return (str(queue) if queue else UNKNOWN_LABEL), kind
 
 
 async def _acknowledge(ack: Callable[[], Any] | None) -> None:

@@ -31,6 +31,9 @@ class WorkerOptions:
     liveness_ttl: float = 10.0
     shutdown_timeout: float | None = None
     includes: tuple[str, ...] = ()
+    #: ``--metrics-port``: serve /metrics, /healthz and /readyz there (None: no metrics).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         validate_worker_name(self.name)

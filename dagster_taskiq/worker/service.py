@@ -19,12 +19,14 @@ import secrets
 import signal
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq.connection import TaskiqConnection
 from dagster_taskiq.errors import DagsterTaskiqError
 from dagster_taskiq.lifecycle.records import WorkerInfo
 from dagster_taskiq.lifecycle.states import WorkerState
+from dagster_taskiq.metrics.recorder import NullRecorder, TaskRecorder, held_slots
 from dagster_taskiq.worker.consumer import SHUTDOWN_STEP_TIMEOUT, Consumer, bounded
 from dagster_taskiq.worker.guard import REVOKE_GRACE_SECONDS, LeaseGuard
 from dagster_taskiq.worker.heartbeat import Heartbeat, Sweeper, WorkerNameTaken
@@ -37,6 +39,9 @@ from dagster_taskiq.worker.options import (
 )
 from dagster_taskiq.worker.supervisor import Supervisor
 from dagster_taskiq.worker.warm import WarmCache
+
+if TYPE_CHECKING:
+    from dagster_taskiq.metrics.endpoint import WorkerEndpoint
 
 __all__ = [
     "Worker",
@@ -109,16 +114,27 @@ class Worker:
         slots = asyncio.Semaphore(self.options.concurrency)
         stopping = self._stopping.is_set
         guard = self._guard
-        supervisor = Supervisor(conn, self.options, self.cache, slots, stopping, guard)
-        intake = Intake(conn, self.options, self.instance, self.cache, supervisor, stopping)
+        endpoint = self._metrics_endpoint()
+        recorder: TaskRecorder = endpoint.recorder if endpoint else NullRecorder()
+        supervisor = Supervisor(conn, self.options, self.cache, slots, stopping, guard, recorder)
+        intake = Intake(
+            conn, self.options, self.instance, self.cache, supervisor, stopping, recorder
+        )
         heartbeat = Heartbeat(
             conn, self.options, self.instance, self.info, guard, intake, self.request_stop
         )
-        await conn.start()
+        try:
+            await conn.start()
+        except BaseException:
+            if endpoint:
+                endpoint.close()
+            raise
         try:
             await heartbeat.register()
         except WorkerNameTaken:
             await bounded(conn.close(), 2 * SHUTDOWN_STEP_TIMEOUT)
+            if endpoint:
+                endpoint.close()
             raise WorkerNameInUseError(
                 f"A live worker named '{self.options.name}' already exists on this key store "
                 f"({self.settings.describe()}). Pick another name with -n, or stop it first "
@@ -128,12 +144,19 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         consumer = Consumer(conn, intake, slots, self._stopping)
+        if endpoint:
+            endpoint.watch(
+                lambda: held_slots(intake.claims, guard.running),
+                lambda: consumer.consuming.is_set() and self.state is WorkerState.SERVING,
+            )
         self.state = WorkerState.SERVING
         background = [
             asyncio.create_task(heartbeat.run()),
             asyncio.create_task(Sweeper(conn).run()),
             asyncio.create_task(guard.enforce()),
         ]
+        if endpoint:
+            background.append(asyncio.create_task(endpoint.probe.run(conn)))
         logger.info(
             "Worker %s ready: queues %s, concurrency %d, %s.",
             self.options.name,
@@ -152,6 +175,8 @@ class Worker:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             self.state = WorkerState.STOPPED
+            if endpoint:
+                endpoint.close()
             # Each clean-up step is bounded: with the broker or backend down they would wait
             # for a reconnection that may never come, and SIGTERM must still end the worker.
             with contextlib.suppress(Exception):
@@ -168,6 +193,17 @@ class Worker:
                 )
         logger.info("Worker %s stopped.", self.options.name)
         return 0
+
+    def _metrics_endpoint(self) -> "WorkerEndpoint | None":
+        """With ``--metrics-port``, the started metrics endpoint; else None."""
+        options = self.options
+        if options.metrics_port is None:
+            return None
+        from dagster_taskiq.metrics.endpoint import WorkerEndpoint
+
+        endpoint = WorkerEndpoint(options.metrics_host, options.metrics_port, options.concurrency)
+        endpoint.start()
+        return endpoint
 
     async def _drain(self, supervisor: Supervisor) -> None:
         if not supervisor.tasks:

@@ -17,6 +17,7 @@ from dagster_taskiq.lifecycle.lease import LeasePolicy
 from dagster_taskiq.lifecycle.records import TaskRecord
 from dagster_taskiq.lifecycle.retry import retrying
 from dagster_taskiq.lifecycle.states import Outcome, TaskKind
+from dagster_taskiq.metrics.recorder import NullRecorder, TaskRecorder, metric_outcome
 from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome, encode
 from dagster_taskiq.worker.bodies import run_step, run_whole_run
 from dagster_taskiq.worker.child import fork_child
@@ -40,8 +41,10 @@ class Supervisor:
         slots: asyncio.Semaphore,
         stopping: Callable[[], bool],
         guard: LeaseGuard,
+        recorder: TaskRecorder | None = None,
     ) -> None:
         self.conn = conn
+        self.recorder: TaskRecorder = recorder or NullRecorder()
         self.options = options
         self.cache = cache
         self.slots = slots
@@ -79,6 +82,7 @@ class Supervisor:
         child = fork_child(body, cache.after_fork, cache.before_exit, clock)
         held = Held(record, fence, policy, child, clock, time.monotonic(), started_at)
         self.guard.hold(held)
+        self.recorder.started(record)
         logger.info(
             "Took task %s (%s) from queue '%s' at priority %d; pid %d.",
             record.task_id,
@@ -110,6 +114,7 @@ class Supervisor:
                 holds_slot = False
                 self.slots.release()
             outcome = self._outcome(held, exit_code)
+            counted_as = metric_outcome(outcome.status, outcome.step_failed)
             if outcome.status == Outcome.BAD_MESSAGE:
                 message = await keystore.message(record.task_id) or b""
                 await dead_letter(
@@ -129,7 +134,9 @@ class Supervisor:
                         self.cache.run_instance(instance_ref), run_id, name
                     )
                 )
-            await self._finish(held, outcome, elapsed)
+            # A lost task counts as lost even though its record is no longer this worker's.
+            if await self._finish(held, outcome, elapsed) or held.lost:
+                self.recorder.finished(record, counted_as, elapsed)
         finally:
             self.guard.release(held)
             if holds_slot:
@@ -163,7 +170,8 @@ class Supervisor:
             )
         return outcome
 
-    async def _finish(self, held: Held, outcome: TaskOutcome, elapsed: float) -> None:
+    async def _finish(self, held: Held, outcome: TaskOutcome, elapsed: float) -> bool:
+        """Record the outcome; False if the task is no longer this worker's."""
         record = held.record
         try:
             status = Outcome(outcome.status)
@@ -188,7 +196,7 @@ class Supervisor:
                 transition.state or "gone",
                 outcome.status,
             )
-            return
+            return False
         logger.info(
             "Finished task %s (%s): %s in %.2f s.",
             record.task_id,
@@ -196,3 +204,4 @@ class Supervisor:
             transition.state or outcome.status,
             elapsed,
         )
+        return True

@@ -179,7 +179,9 @@ def test_exporter_gauges(settings: TaskiqSettings, workers: WorkerPool, tmp_path
     _waiting_task(settings, idle, 5)
     _waiting_task(settings, idle, 0)
     poison = json.dumps({"task_id": "x", "labels": {QUEUE_LABEL: idle}}).encode()
-    run_async(settings, lambda c: c.keystore.dead_letter("poison", poison, "test-worker"))
+    run_async(
+        settings, lambda c: c.keystore.dead_letter("poison", poison, "test-worker", queue=idle)
+    )
     exporter, port = _start_exporter(settings, tmp_path)
     try:
         samples = wait_for(lambda: _try_scrape(port, exporter), 60, 0.2, "the exporter")

@@ -28,7 +28,7 @@ from dagster_taskiq.payloads import (
     decode_step,
     encode,
 )
-from dagster_taskiq.worker.intake import validate_message
+from dagster_taskiq.worker.validation import validate_message
 from dagster_taskiq_tests import jobs
 
 

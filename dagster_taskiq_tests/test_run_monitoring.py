@@ -61,6 +61,26 @@ def _started(path: Path, env: LauncherEnv | None = None, run_id: str | None = No
     return int(text.split()[-1])
 
 
+def _resume_through_run_monitoring(env: LauncherEnv, tmp_path: Path, run_id: str) -> None:
+    """Run monitoring passes of an instance with ``max_resume_run_attempts`` set (same storage),
+    as its daemon would, until it resumes the run."""
+    home = write_home(
+        tmp_path / "resume_home",
+        env.settings,
+        sqlite_storage(env.home / "storage"),
+        max_resume_run_attempts=1,
+    )
+    with ExitStack() as stack:
+        instance = stack.enter_context(DagsterInstance.from_config(str(home)))
+        context = stack.enter_context(workspace_context(instance))
+
+        def _resumed() -> bool:
+            env.monitor_once(context)
+            return any(RESUME_RUN_LOG_MESSAGE in e.message for e in env.events(run_id))
+
+        wait_for(_resumed, 30, interval=0.25, what="run monitoring to resume the run")
+
+
 def _monitor_until(
     env: LauncherEnv, run_id: str, *statuses: DagsterRunStatus, context: object = None
 ) -> None:
@@ -176,22 +196,7 @@ def test_killed_worker_run_resumes_on_a_second_worker(env: LauncherEnv, tmp_path
     first.kill()
     second = env.workers.start(queues=[queue], wait=False)
 
-    # The daemon of an instance with max_resume_run_attempts set (same storage) resumes it.
-    home = write_home(
-        tmp_path / "resume_home",
-        env.settings,
-        sqlite_storage(env.home / "storage"),
-        max_resume_run_attempts=1,
-    )
-    with ExitStack() as stack:
-        instance = stack.enter_context(DagsterInstance.from_config(str(home)))
-        context = stack.enter_context(workspace_context(instance))
-
-        def _resumed() -> bool:
-            env.monitor_once(context)
-            return any(RESUME_RUN_LOG_MESSAGE in e.message for e in env.events(run_id))
-
-        wait_for(_resumed, 30, interval=0.25, what="run monitoring to resume the run")
+    _resume_through_run_monitoring(env, tmp_path, run_id)
     second.wait_registered()
     run = env.wait_status(run_id, timeout=60)
     assert run.status == DagsterRunStatus.SUCCESS, env.describe(run_id)
@@ -231,21 +236,7 @@ def test_resumed_run_whose_step_died_with_the_worker_ends(
     wait_for(lambda: not _alive(step_pid), 10, what="the step process to die with its worker")
     second = env.workers.start(queues=[queue], concurrency=2, wait=False)
 
-    home = write_home(
-        tmp_path / "resume_home",
-        env.settings,
-        sqlite_storage(env.home / "storage"),
-        max_resume_run_attempts=1,
-    )
-    with ExitStack() as stack:
-        instance = stack.enter_context(DagsterInstance.from_config(str(home)))
-        context = stack.enter_context(workspace_context(instance))
-
-        def _resumed() -> bool:
-            env.monitor_once(context)
-            return any(RESUME_RUN_LOG_MESSAGE in e.message for e in env.events(run_id))
-
-        wait_for(_resumed, 30, interval=0.25, what="run monitoring to resume the run")
+    _resume_through_run_monitoring(env, tmp_path, run_id)
     second.wait_registered()
     run = env.wait_status(run_id, timeout=90)
     # The step's first attempt started and never ended: with no retry policy the run fails,

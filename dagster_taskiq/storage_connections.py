@@ -77,6 +77,21 @@ def keep_sqlite_connections_open(instance: DagsterInstance) -> None:
         engines.keep_connections_open()
 
 
+def rehearse_event_insert(instance: DagsterInstance, entry: Any) -> bool:
+    """Run the insert that storing ``entry`` would run, in a transaction that is rolled back.
+
+    SQLAlchemy compiles a statement once per engine; a worker's children inherit the engines of
+    its SQLite storage, so one rehearsal in the worker spares every child the compilation. Other
+    storages are left alone (False): their children build their own engines.
+    """
+    storage: Any = instance.event_log_storage
+    engines = getattr(storage, "_dtq_engines", None)
+    if not isinstance(engines, _EngineCache) or not hasattr(storage, "prepare_insert_event"):
+        return False
+    engines.rehearse(entry.run_id, storage.prepare_insert_event(entry))
+    return True
+
+
 def close_sqlite_connections(instance: DagsterInstance) -> None:
     """Close the connections :func:`keep_sqlite_connections_open` kept (at a task's end)."""
     engines = getattr(instance.event_log_storage, "_dtq_engines", None)
@@ -240,6 +255,23 @@ class _EngineCache:
                         kept.close()
                 dropped.dispose()
             return engine
+
+    def rehearse(self, shard: str, statement: Any) -> None:
+        """Execute ``statement`` on ``shard`` and roll it back (compiles it into the engine)."""
+        with self.connect_uncommitted(shard) as conn:
+            conn.execute(statement)
+
+    @contextlib.contextmanager
+    def connect_uncommitted(self, shard: str) -> Iterator[Any]:
+        """A connection to ``shard`` in a transaction that is always rolled back."""
+        with self._storage._db_lock:  # type: ignore[attr-defined]
+            engine = self._engine(shard)
+            with engine.connect() as conn:
+                transaction = conn.begin()
+                try:
+                    yield conn
+                finally:
+                    transaction.rollback()
 
     @contextlib.contextmanager
     def connect(self, shard: str) -> Iterator[Any]:

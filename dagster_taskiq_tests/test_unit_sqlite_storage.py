@@ -191,3 +191,31 @@ def test_worker_checks_a_run_database_schema_with_one_query(
     assert len(initialized) == 1 and fresh.run_id in initialized[0]
     assert len(instance.all_logs(run.run_id)) == 2
     assert len(instance.all_logs(fresh.run_id)) == 1
+
+
+def test_rehearsal_compiles_a_step_process_statements_and_stores_nothing(
+    sqlite_instance: DagsterInstance,
+) -> None:
+    """A worker's rehearsal leaves the run's event log as it was, yet the statements a step's
+    process runs first (the event insert, ``verify_step``'s statistics query) are compiled in
+    the engine its forked children inherit: running them afterwards compiles nothing new."""
+    from dagster_taskiq.compat import ExecutionPlan, ResolvedRunConfig
+    from dagster_taskiq.worker.rehearsal import rehearse_step_process
+
+    instance = sqlite_instance
+    run = instance.create_run_for_job(jobs.single_op_job)
+    instance.report_engine_event("first", run)
+    stored_before = len(instance.all_logs(run.run_id))
+    job_def = jobs.single_op_job
+    plan = ExecutionPlan.build(job_def, ResolvedRunConfig.build(job_def, {}))
+    storage: Any = instance.event_log_storage
+    compiled = storage._dtq_engines._engine(run.run_id)._compiled_cache
+
+    rehearse_step_process(instance, run, plan)
+
+    assert len(instance.all_logs(run.run_id)) == stored_before
+    entries = len(compiled)
+    instance.report_engine_event("a step's first event", run)
+    instance.get_run_step_stats(run.run_id, step_keys=[plan.steps[0].key])
+    assert len(compiled) == entries
+    assert len(instance.all_logs(run.run_id)) == stored_before + 1

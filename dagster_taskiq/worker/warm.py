@@ -11,7 +11,8 @@ Per run, the parent also keeps what every step of that run would otherwise rebui
   plan building from quadratic into linear), and
 * an opened **event-log shard**: Dagster's default sqlite storage keeps one database per run and
   checks its schema (alembic) the first time a process touches it; doing that once in the parent
-  spares every child the check.
+  spares every child the check, and
+* a **rehearsal** of what each step's process does first (see :mod:`.rehearsal`).
 
 A plan whose known state carries dynamic mappings is not taken from the cache: those mappings
 change the plan's shape, so such steps build their plan as before.
@@ -39,7 +40,6 @@ from dagster_taskiq.compat import (
     SqliteEventLogStorage,
     create_execution_plan,
     recon_job_from_origin,
-    serialize_value,
 )
 from dagster_taskiq.storage_connections import (
     close_sqlite_connections,
@@ -48,6 +48,7 @@ from dagster_taskiq.storage_connections import (
     reuse_sqlite_engines,
 )
 from dagster_taskiq.worker.logtail import use_thread_mirroring
+from dagster_taskiq.worker.rehearsal import rehearse_step_process
 
 logger = logging.getLogger("dagster_taskiq.worker")
 
@@ -85,7 +86,7 @@ class WarmCache:
         """The instance for ``ref`` (the worker's own instance when ``ref`` is None)."""
         if ref is None:
             return self.own_instance()
-        key = serialize_value(ref)
+        key = repr(ref)  # a plain value (strings, dicts, tuples): its repr is its identity
         if key not in self._instances:
             self._instances[key] = _opened(DagsterInstance.from_ref(ref))
         return self._instances[key]
@@ -104,7 +105,7 @@ class WarmCache:
 
     def recon_job(self, origin: JobPythonOrigin) -> ReconstructableJob:
         """The reconstructable job for ``origin``, with its code imported once per worker."""
-        key = serialize_value(origin)
+        key = repr(origin)
         if key not in self._jobs:
             job = recon_job_from_origin(origin)
             job.get_definition()
@@ -201,6 +202,7 @@ class WarmCache:
             repository_load_data=repository_load_data,
         )
         run_plan = RunPlan(recon_job, job_def, resolved_run_config, plan)
+        rehearse_step_process(instance, dagster_run, plan)
         self._runs[run_id] = run_plan
         while len(self._runs) > MAX_CACHED_RUNS:
             self._runs.popitem(last=False)

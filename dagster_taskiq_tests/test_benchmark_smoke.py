@@ -1,9 +1,11 @@
-"""Smoke test of the benchmark harness: one small quick-mode scenario, checked by its JSON lines."""
+"""Smoke tests of the benchmark harness: a quick-mode scenario and the targets smoke mode."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from dagster_taskiq_tests.harness import REPO_ROOT
 
@@ -73,6 +75,8 @@ def test_quick_fanout_10_writes_json_lines(redis_url: str, tmp_path: Path) -> No
     assert "| `fanout_10` |" in report.stdout
 
 
+# About 50 s alone; three times that beside a `-n 3` suite on two cores.
+@pytest.mark.timeout(480)
 def test_smoke_mode_reports_every_target_row(redis_url: str, tmp_path: Path) -> None:
     """The targets harness at tiny sizes: every row of the table has a number (not a speed)."""
     from benchmarks.targets import TARGET_KEYS
@@ -84,7 +88,7 @@ def test_smoke_mode_reports_every_target_row(redis_url: str, tmp_path: Path) -> 
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=420,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr[-5000:]

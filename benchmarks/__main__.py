@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from benchmarks.report import DERIVED_TYPES, format_markdown, format_text, summarize
 from benchmarks.scenarios import MODES, SCENARIOS
@@ -40,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated: {', '.join(EXECUTOR_NAMES)} (default: all)",
     )
     run.add_argument("--rounds", type=int, default=None, help="measured rounds per scenario")
+    run.add_argument(
+        "--probe-rounds",
+        type=int,
+        default=None,
+        help="rounds of the cold-start probe (fresh worker start-up, first step, worker PSS); "
+        "default: the mode's (targets 3, smoke 1, else 0)",
+    )
     run.add_argument("--no-warmup", action="store_true", help="skip the unmeasured first round")
     run.add_argument(
         "--no-skip", action="store_true", help="also run executor/scenario pairs skipped as slow"
@@ -59,10 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     run.add_argument(
         "--storage",
-        choices=["sqlite", "postgres"],
-        default="sqlite",
-        help="Dagster instance storage: sqlite (default, as in the baseline) or postgres "
-        "(a fresh database per executor, dropped at the end; needs dagster-postgres)",
+        type=_csv,
+        default=None,
+        help="Dagster instance storage, comma-separated: sqlite (as in the baseline) and/or "
+        "postgres (a fresh database per executor, dropped at the end; needs dagster-postgres); "
+        "each is a session of its own, one after the other, into one file. Default: the mode's "
+        "(targets: sqlite,postgres; else sqlite)",
     )
     run.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     run.add_argument("--celery-db", type=int, default=3, help="Redis database for dagster-celery")
@@ -88,23 +98,26 @@ def main(argv: list[str] | None = None) -> int:
         stored = [json.loads(line) for line in args.path.read_text().splitlines() if line]
         # Summaries, targets and the scaling verdict are computed again from the raw records, so
         # an old file is judged by the current criteria.
-        records = [r for r in stored if r.get("type") not in DERIVED_TYPES]
-        records += summarize(records)
-        print(format_text(records))
+        raw = [r for r in stored if r.get("type") not in DERIVED_TYPES]
+        raw += summarize(raw)
+        print(format_text(raw))
         if args.markdown:
             print()
-            print(format_markdown(records))
+            print(format_markdown(raw))
         return 0
     mode = MODES[args.mode]
-    scenario_names = args.scenarios or list(mode["scenarios"])  # type: ignore[call-overload]
+    scenario_names = args.scenarios or list(mode.scenarios)
     unknown = [s for s in scenario_names if s not in SCENARIOS]
-    executors = args.executors or list(EXECUTOR_NAMES)
+    executors = args.executors or list(mode.executors or EXECUTOR_NAMES)
     unknown += [e for e in executors if e not in EXECUTOR_NAMES]
+    storages = args.storage or list(mode.storages)
+    unknown += [s for s in storages if s not in ("sqlite", "postgres")]
     if unknown:
-        _parser().error(f"unknown scenario or executor: {', '.join(unknown)}")
+        _parser().error(f"unknown scenario, executor or storage: {', '.join(unknown)}")
     if args.metrics:
         executors += [f"{e}{METRICS_SUFFIX}" for e in executors if e.startswith("taskiq_")]
-    rounds = args.rounds if args.rounds is not None else int(mode["rounds"])  # type: ignore[call-overload]
+    rounds = args.rounds if args.rounds is not None else mode.rounds
+    probe_rounds = args.probe_rounds if args.probe_rounds is not None else mode.probe_rounds
     out_path = args.out
     if out_path is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -115,37 +128,43 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {f"{e}{METRICS_SUFFIX}" for e in EXECUTOR_NAMES if e.startswith("taskiq_")}
     assert set(EXECUTORS) == set(EXECUTOR_NAMES) | variants
-    env = BenchEnv(
-        executors,
-        redis_url=args.redis_url,
-        amqp_url=args.amqp_url,
-        celery_db=args.celery_db,
-        workers=args.workers,
-        concurrency=args.concurrency,
-        poll_interval=args.poll_interval,
-        storage=args.storage,
-        postgres_url=args.postgres_url,
-        keep=args.keep,
-        log=_log,
-    )
+    records: list[dict[str, Any]] = []
     with open(out_path, "w", encoding="utf-8") as out:
-        session = Session(
-            env,
-            [SCENARIOS[name] for name in scenario_names],
-            rounds,
-            out,
-            mode=args.mode,
-            no_skip=args.no_skip,
-            warmup=not args.no_warmup,
-            log=_log,
-        )
-        records = session.run()
+        for storage in storages:
+            env = BenchEnv(
+                executors,
+                redis_url=args.redis_url,
+                amqp_url=args.amqp_url,
+                celery_db=args.celery_db,
+                workers=args.workers,
+                concurrency=args.concurrency,
+                poll_interval=args.poll_interval,
+                storage=storage,
+                postgres_url=args.postgres_url,
+                keep=args.keep,
+                log=_log,
+            )
+            _log(f"== {storage} storage")
+            session = Session(
+                env,
+                [SCENARIOS[name] for name in scenario_names],
+                rounds,
+                out,
+                mode=args.mode,
+                no_skip=args.no_skip,
+                warmup=mode.warmup and not args.no_warmup,
+                probe_rounds=probe_rounds,
+                log=_log,
+            )
+            records += session.run()
     print(format_text(records))
     if args.markdown:
         print()
         print(format_markdown(records))
     _log(f"\nJSON lines: {out_path}")
-    failed = [r for r in records if r.get("type") == "run" and not r.get("success")]
+    failed = [
+        r for r in records if r.get("type") in ("run", "cold_start") and not r.get("success")
+    ]
     return 1 if failed else 0
 
 

@@ -359,33 +359,8 @@ class BenchEnv:
             worker_yaml = home / "worker.yaml"
             worker_yaml.write_text(yaml.safe_dump({"execution": {"config": config}}))
             for index in range(self.worker_count):
-                name = f"bench-{self.uid}-{spec.name}-{index}"
-                command = [
-                    sys.executable,
-                    "-m",
-                    "dagster_taskiq.cli",
-                    "worker",
-                    "start",
-                    "-y",
-                    str(worker_yaml),
-                    "-q",
-                    settings.default_queue,
-                    "-c",
-                    str(self.concurrency),
-                    "-n",
-                    name,
-                ]
-                if spec.metrics:
-                    command += ["--metrics-port", str(_free_port())]
                 setup.workers.append(
-                    WorkerProc(
-                        name,
-                        spec.name,
-                        command,
-                        self._env(home),
-                        home / f"{name}.log",
-                        f"Worker {name} ready",
-                    )
+                    self.taskiq_worker(setup, f"bench-{self.uid}-{spec.name}-{index}")
                 )
         elif spec.workers == "celery":
             celery_url = with_db(self.redis_url, self.celery_db)
@@ -436,6 +411,39 @@ class BenchEnv:
             }
         (home / "dagster.yaml").write_text(yaml.safe_dump(instance_yaml))
         return setup
+
+    def taskiq_worker(
+        self, setup: ExecutorSetup, name: str, includes: tuple[str, ...] = ()
+    ) -> WorkerProc:
+        """A (not yet started) ``dagster-taskiq worker start`` for a taskiq executor's setup."""
+        assert setup.settings is not None, f"{setup.spec.name} has no taskiq workers"
+        command = [
+            sys.executable,
+            "-m",
+            "dagster_taskiq.cli",
+            "worker",
+            "start",
+            "-y",
+            str(setup.home / "worker.yaml"),
+            "-q",
+            setup.settings.default_queue,
+            "-c",
+            str(self.concurrency),
+            "-n",
+            name,
+        ]
+        for module in includes:
+            command += ["-i", module]
+        if setup.spec.metrics:
+            command += ["--metrics-port", str(_free_port())]
+        return WorkerProc(
+            name,
+            setup.spec.name,
+            command,
+            self._env(setup.home),
+            setup.home / f"{name}.log",
+            f"Worker {name} ready",
+        )
 
     def _create_database(self, spec: ExecutorSpec) -> str:
         """A fresh PostgreSQL database for one executor's instance; returns its URL."""

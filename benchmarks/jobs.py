@@ -107,6 +107,15 @@ def tiny_graph() -> GraphDefinition:
     return _graph("tiny", compose)
 
 
+def nap_graph() -> GraphDefinition:
+    """One op that sleeps one second: a step child that stays alive long enough to be measured."""
+
+    def compose() -> None:
+        nap()
+
+    return _graph("nap", compose)
+
+
 def _executor(family: str) -> ExecutorDefinition:
     if family == "taskiq":
         return taskiq_executor
@@ -122,15 +131,19 @@ def _executor(family: str) -> ExecutorDefinition:
 
 
 def shape_graph(shape: str) -> GraphDefinition:
-    """The graph for a shape name: ``chain_<n>``, ``fanout_<n>``, ``sleepy`` or ``tiny``."""
+    """The graph for a shape: ``chain_<n>``, ``fanout_<n>``, ``sleepy[_<n>]``, ``tiny``, ``nap``."""
     if shape.startswith("chain_"):
         return chain_graph(int(shape.split("_", 1)[1]))
     if shape.startswith("fanout_"):
         return fanout_graph(int(shape.split("_", 1)[1]))
     if shape == "sleepy":
         return sleepy_graph()
+    if shape.startswith("sleepy_"):
+        return sleepy_graph(int(shape.split("_", 1)[1]))
     if shape == "tiny":
         return tiny_graph()
+    if shape == "nap":
+        return nap_graph()
     raise ValueError(f"Unknown job shape {shape!r}.")
 
 

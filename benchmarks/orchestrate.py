@@ -8,7 +8,12 @@ end of the run, and prints one JSON object on its last stdout line:
 ``rss_before_mib`` (after imports) and ``peak_rss_mib`` (the process's high-water mark).
 
 The request may also ask for a ``launch`` of many runs through the instance's run launcher
-(``runs_50``): then the time runs from the first launch until every run has finished.
+(``runs_50``): then the time runs from the first launch until every run has finished. A
+``repeat`` of N runs executes the job N times one after another in this process (the in-process
+baseline of ``runs_50``), timed from the first call to the end of the last run. With
+``latencies``, the result also holds each step's latency from the run's event log
+(``step_latencies_s``, in the order the steps finished): from the step's first event (the
+executor handing it out) to its success.
 """
 
 import json
@@ -34,31 +39,61 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def execute_one(shape: str, family: str, run_config: dict[str, Any]) -> dict[str, Any]:
-    """Execute one run of ``shape`` on ``family`` and measure it."""
+def step_latencies(instance: Any, run_id: str) -> list[float]:
+    """Per step of a finished run: seconds from its first event to its success, in finish order."""
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    for entry in instance.all_logs(run_id):
+        key = entry.step_key
+        if not key:
+            continue
+        first.setdefault(key, entry.timestamp)
+        event = entry.dagster_event
+        if event is not None and event.event_type_value == "STEP_SUCCESS":
+            done[key] = entry.timestamp
+    return [done[key] - first[key] for key in sorted(done, key=done.__getitem__)]
+
+
+def execute_one(
+    shape: str,
+    family: str,
+    run_config: dict[str, Any],
+    repeat: int = 1,
+    latencies: bool = False,
+) -> dict[str, Any]:
+    """Execute ``repeat`` runs of ``shape`` on ``family``, one after another, and measure them."""
     from dagster import DagsterInstance, execute_job
 
     from benchmarks.jobs import build_job, job_name, recon
 
     build_job(job_name(shape, family))  # build the graph before the clock starts, as a loaded
     recon_job = recon(shape, family)  # code location would have it
+    run_ids: list[str] = []
+    succeeded = 0
     with DagsterInstance.get() as instance:
         rss_before = _rss_mib()
         cpu0 = _cpu_s()
         start = time.perf_counter()
-        with execute_job(recon_job, instance=instance, run_config=run_config) as result:
-            success = result.success
-            run_id = result.run_id
+        for _ in range(repeat):
+            with execute_job(recon_job, instance=instance, run_config=run_config) as result:
+                succeeded += int(result.success)
+                run_ids.append(result.run_id)
         wall = time.perf_counter() - start
         cpu = _cpu_s() - cpu0
-    return {
+        found = step_latencies(instance, run_ids[-1]) if latencies else None
+    result_record: dict[str, Any] = {
         "wall_s": wall,
-        "success": success,
-        "run_id": run_id,
+        "success": succeeded == repeat,
+        "run_id": run_ids[-1],
         "cpu_s": cpu,
         "rss_before_mib": rss_before,
         "peak_rss_mib": _peak_mib(),
     }
+    if repeat > 1:
+        result_record["succeeded"] = succeeded
+    if found is not None:
+        result_record["step_latencies_s"] = found
+    return result_record
 
 
 def launch_many(shape: str, family: str, count: int, timeout: float) -> dict[str, Any]:
@@ -119,7 +154,13 @@ def main(argv: list[str]) -> int:
             request["shape"], request["family"], int(request["launch"]), request["timeout"]
         )
     else:
-        result = execute_one(request["shape"], request["family"], request["run_config"])
+        result = execute_one(
+            request["shape"],
+            request["family"],
+            request["run_config"],
+            repeat=int(request.get("repeat", 1)),
+            latencies=bool(request.get("latencies")),
+        )
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0

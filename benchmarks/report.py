@@ -14,8 +14,8 @@ from benchmarks.scenarios import (
 
 CELERY = "celery_redis"
 IN_PROCESS = "in_process"
-#: Record types that :func:`summarize` derives from the raw ``meta``/``run``/``skip`` records.
-DERIVED_TYPES = frozenset({"summary", "target", "scaling"})
+#: Record types that :func:`summarize` derives from the raw records.
+DERIVED_TYPES = frozenset({"summary", "target", "scaling", "target_row"})
 ORDER = (
     "taskiq_redis",
     "taskiq_redis_metrics",
@@ -42,8 +42,38 @@ def _ideal_sleepy(meta: dict[str, Any]) -> float:
     return 8.0 / max(1, slots)
 
 
+def storage_of(record: dict[str, Any], by_session: dict[str, str]) -> str:
+    """``sqlite`` or ``postgres``: the record's own, else its session's ``meta`` (older files)."""
+    found = record.get("storage") or by_session.get(record.get("session", ""), "sqlite")
+    return "postgres" if str(found).startswith("postgres") else "sqlite"
+
+
+def by_storage(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Raw records split by Dagster storage, in the order the storages first appear."""
+    sessions = {
+        r.get("session", ""): str(r.get("storage", "sqlite"))
+        for r in records
+        if r.get("type") == "meta"
+    }
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        parts.setdefault(storage_of(record, sessions), []).append(record)
+    return parts
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Summary records: one per (scenario, executor), the targets, and the scaling verdict."""
+    """Per storage: summaries per (scenario, executor), targets, scaling, the targets table."""
+    from benchmarks.targets import target_rows
+
+    out: list[dict[str, Any]] = []
+    for storage, part in by_storage(records).items():
+        derived = _summarize_one(part)
+        derived += target_rows(part)
+        out += [{**record, "storage": storage} for record in derived]
+    return out
+
+
+def _summarize_one(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     meta = next((r for r in records if r.get("type") == "meta"), {})
     runs = _measured(records)
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -236,12 +266,14 @@ def format_text(records: Sequence[dict[str, Any]]) -> str:
     """A plain-text report of summaries, targets, scaling and memory."""
     lines: list[str] = []
     summaries = [r for r in records if r.get("type") == "summary"]
+    several = len({s.get("storage", "sqlite") for s in summaries}) > 1
     current = None
     for s in summaries:
-        if s["scenario"] != current:
-            current = s["scenario"]
+        if (s["scenario"], s.get("storage")) != current:
+            current = (s["scenario"], s.get("storage"))
             lines.append("")
-            lines.append(f"== {current} ({s['steps']} steps)")
+            where = f", {s.get('storage', 'sqlite')} storage" if several else ""
+            lines.append(f"== {s['scenario']} ({s['steps']} steps{where})")
             lines.append(
                 f"  {'executor':<16} {'median':>9} {'per step':>9} {'vs in-proc':>10} "
                 f"{'vs celery':>9} {'orch CPU':>9} {'orch peak':>10} {'wkr CPU':>8} {'n':>3}"
@@ -260,12 +292,14 @@ def format_text(records: Sequence[dict[str, Any]]) -> str:
     if targets:
         lines += ["", "== targets"]
         for t in targets:
+            where = f" [{t.get('storage', 'sqlite')}]" if several else ""
             lines.append(
-                f"  {'MET ' if t['met'] else 'MISS'} {t['executor']:<16} {t['target']:<40} "
+                f"  {'MET ' if t['met'] else 'MISS'} {t['executor']:<16}{where} {t['target']:<40} "
                 f"value {t['value']:.3f} (limit {t['limit']})"
             )
     for scaling in (r for r in records if r.get("type") == "scaling"):
-        lines += ["", "== orchestrator scaling (taskiq_redis fan-outs)"]
+        where = f", {scaling.get('storage', 'sqlite')} storage" if several else ""
+        lines += ["", f"== orchestrator scaling (taskiq_redis fan-outs{where})"]
         for size in scaling["sizes"]:
             key = size if size in scaling["cpu_ms_per_step"] else str(size)
             lines.append(
@@ -295,6 +329,11 @@ def format_text(records: Sequence[dict[str, Any]]) -> str:
                 f"{m['busy_tree_pss_mib']:<9.0f} {m['max_processes']:5d} "
                 f"{_fmt(m.get('ready_after_s'), '.1f', ' s'):>6}"
             )
+    rows = [r for r in records if r.get("type") == "target_row"]
+    if rows:
+        from benchmarks.targets import format_rows_text
+
+        lines += ["", format_rows_text(rows)]
     return "\n".join(lines)
 
 
@@ -310,13 +349,19 @@ def format_markdown(records: Sequence[dict[str, Any]]) -> str:
     for s in summaries:
         if s["scenario"] not in scenarios:
             scenarios.append(s["scenario"])
-    index = {(s["scenario"], s["executor"]): s for s in summaries}
+    storages: list[str] = []
+    for s in summaries:
+        if s.get("storage", "sqlite") not in storages:
+            storages.append(s.get("storage", "sqlite"))
+    index = {(s.get("storage", "sqlite"), s["scenario"], s["executor"]): s for s in summaries}
     header = "| scenario | " + " | ".join(executors) + " |"
     lines = [header, "|---|" + "---|" * len(executors)]
-    for scenario in scenarios:
+    for storage, scenario in itertools.product(storages, scenarios):
+        if not any((storage, scenario, e) in index for e in executors):
+            continue
         cells = []
         for executor in executors:
-            found = index.get((scenario, executor))
+            found = index.get((storage, scenario, executor))
             if found is None or found["median_wall_s"] is None:
                 cells.append("–")
                 continue
@@ -329,5 +374,11 @@ def format_markdown(records: Sequence[dict[str, Any]]) -> str:
             if ratios:
                 cell += " (" + ", ".join(ratios) + ")"
             cells.append(cell)
-        lines.append(f"| `{scenario}` | " + " | ".join(cells) + " |")
+        where = f" ({storage})" if len(storages) > 1 else ""
+        lines.append(f"| `{scenario}`{where} | " + " | ".join(cells) + " |")
+    rows = [r for r in records if r.get("type") == "target_row"]
+    if rows:
+        from benchmarks.targets import format_rows_markdown
+
+        lines += ["", format_rows_markdown(rows)]
     return "\n".join(lines)

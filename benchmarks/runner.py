@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
+from benchmarks.coldstart import ColdStartProbe
 from benchmarks.env import EXECUTORS, REPO_ROOT, BenchEnv
 from benchmarks.measure import Sampler, tree_cpu
 from benchmarks.report import summarize
@@ -130,6 +131,7 @@ class Session:
         mode: str,
         no_skip: bool = False,
         warmup: bool = True,
+        probe_rounds: int = 0,
         log: Callable[[str], None] = print,
     ) -> None:
         self.env = env
@@ -139,13 +141,14 @@ class Session:
         self.mode = mode
         self.no_skip = no_skip
         self.warmup = warmup
+        self.probe_rounds = probe_rounds
         self.log = log
         self.records: list[dict[str, Any]] = []
         self.sampler: Sampler | None = None
 
     def emit(self, record: dict[str, Any]) -> None:
         """Write one JSON line (and keep it for the summary)."""
-        record = {"session": self.env.uid, **record}
+        record = {"session": self.env.uid, "storage": self.env.storage, **record}
         self.records.append(record)
         self.out.write(json.dumps(record, sort_keys=True) + "\n")
         self.out.flush()
@@ -175,6 +178,9 @@ class Session:
                         "ready_after_s": ready,
                     }
                 )
+            ColdStartProbe(self.env, self._run_once, self.emit, log=self.log).run(
+                self.probe_rounds
+            )
         finally:
             try:
                 if self.sampler is not None:
@@ -191,6 +197,7 @@ class Session:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mode": self.mode,
             "rounds": self.rounds,
+            "probe_rounds": self.probe_rounds,
             "machine": machine(),
             "versions": {**versions(), **_server_versions(self.env)},
             "git_commit": _git_commit(),
@@ -237,13 +244,25 @@ class Session:
                     f"{record.get('wall_s', float('nan')):8.2f} s  {status}"
                 )
 
-    def _run_once(self, scenario: Scenario, name: str, round_no: int) -> dict[str, Any]:
+    def _run_once(
+        self,
+        scenario: Scenario,
+        name: str,
+        round_no: int,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         setup = self.env.setups[name]
         request: dict[str, Any] = {"shape": scenario.shape, "timeout": scenario.timeout}
-        if scenario.kind == "launch":
+        if scenario.kind == "launch" and setup.spec.workers is None:
+            # The in-process baseline: the same runs one after another in one process.
+            request.update(
+                family=setup.spec.family, run_config=setup.run_config, repeat=scenario.launch_count
+            )
+        elif scenario.kind == "launch":
             request.update(family=scenario.run_family, launch=scenario.launch_count)
         else:
             request.update(family=setup.spec.family, run_config=setup.run_config)
+        request.update(extra or {})
         workers = setup.workers
         cpu_before = {w.name: tree_cpu(w.pid) for w in workers}
         log_path = setup.home / "orchestrator.log"

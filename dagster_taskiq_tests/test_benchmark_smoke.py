@@ -1,9 +1,11 @@
-"""Smoke test of the benchmark harness: one small quick-mode scenario, checked by its JSON lines."""
+"""Smoke tests of the benchmark harness: a quick-mode scenario and the targets smoke mode."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from dagster_taskiq_tests.harness import REPO_ROOT
 
@@ -71,3 +73,54 @@ def test_quick_fanout_10_writes_json_lines(redis_url: str, tmp_path: Path) -> No
         check=True,
     )
     assert "| `fanout_10` |" in report.stdout
+
+
+# About 50 s alone; three times that beside a `-n 3` suite on two cores.
+@pytest.mark.timeout(480)
+def test_smoke_mode_reports_every_target_row(redis_url: str, tmp_path: Path) -> None:
+    """The targets harness at tiny sizes: every row of the table has a number (not a speed)."""
+    from benchmarks.targets import TARGET_KEYS
+
+    out = tmp_path / "smoke.jsonl"
+    command = [sys.executable, "-m", "benchmarks", "run", "smoke", "--redis-url", redis_url]
+    done = subprocess.run(
+        [*command, "--out", str(out), "--markdown"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-5000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+
+    (meta,) = [r for r in records if r["type"] == "meta"]
+    assert meta["mode"] == "smoke" and meta["probe_rounds"] == 1
+    runs = {(r["scenario"], r["executor"]): r for r in records if r["type"] == "run"}
+    assert all(run["success"] for run in runs.values()), runs
+    # The runs_3 baseline: the same three runs one after another on the in-process executor.
+    assert runs[("runs_3", "in_process")]["succeeded"] == 3
+    assert runs[("runs_3", "taskiq_redis")]["succeeded"] == 3
+    (cold,) = [r for r in records if r["type"] == "cold_start"]
+    assert cold["success"] is True, cold
+    assert len(cold["step_latencies_s"]) == 5 and cold["import_s"] > 0 and cold["ready_s"] > 0
+
+    rows = [r for r in records if r["type"] == "target_row"]
+    assert [r["target"] for r in rows] == list(TARGET_KEYS)
+    for row in rows:
+        assert row["executor"] == "taskiq_redis" and row["storage"] == "sqlite"
+        assert isinstance(row["fastest"], float) and row["fastest"] > 0, row
+        assert isinstance(row["median"], float) and row["median"] > 0, row
+        assert row["met"] in (True, False)
+    assert "| sqlite | taskiq_redis | chain_3 per hop ÷ in-process per hop |" in done.stdout
+
+    report = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "report", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for row in rows:
+        assert row["label"] in report.stdout

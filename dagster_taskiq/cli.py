@@ -317,6 +317,7 @@ def worker_start(
 ) -> None:
     """Start a worker serving the given queues."""
     from dagster_taskiq.lifecycle.keys import validate_worker_name
+    from dagster_taskiq.tracing import configure_from_environment
     from dagster_taskiq.worker.service import (
         WorkerOptions,
         default_worker_name,
@@ -371,6 +372,9 @@ def worker_start(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    tracing = configure_from_environment()
+    if tracing:
+        logging.getLogger("dagster_taskiq.worker").info("%s.", tracing)
     options = WorkerOptions(
         name=name or default_worker_name(),
         queues=queue_names,

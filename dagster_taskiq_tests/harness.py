@@ -1,13 +1,14 @@
 """Test harness: isolated settings per test, real worker processes, condition waits."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,6 +88,8 @@ class WorkerProcess:
         name: str | None = None,
         extra_args: Sequence[str] = (),
         log_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        stdout_path: Path | None = None,
     ) -> None:
         self.settings = settings
         self.name = name or f"w-{uuid.uuid4().hex[:6]}"
@@ -94,6 +97,9 @@ class WorkerProcess:
         self.concurrency = concurrency
         self.dagster_home = dagster_home
         self.extra_args = list(extra_args)
+        self.extra_env = dict(env or {})
+        #: Where the worker's stdout goes (its log file, with stderr, unless given).
+        self.stdout_path = stdout_path
         self.log_path = (log_dir or dagster_home) / f"worker-{self.name}.log"
         self.config_path = (log_dir or dagster_home) / f"worker-{self.name}.yaml"
         self.process: subprocess.Popen[bytes] | None = None
@@ -117,11 +123,13 @@ class WorkerProcess:
     def start(self, wait: bool = True) -> "WorkerProcess":
         """Start the process; with ``wait``, return once it has registered its heartbeat."""
         self.config_path.write_text(yaml.safe_dump(executor_config(self.settings)))
-        with open(self.log_path, "ab") as log:
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(open(self.log_path, "ab"))
+            out = files.enter_context(open(self.stdout_path, "ab")) if self.stdout_path else None
             self.process = subprocess.Popen(
                 self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdout=out or log,
+                stderr=log if out else subprocess.STDOUT,
                 env=self.environment(),
                 cwd=str(REPO_ROOT),
             )
@@ -135,6 +143,7 @@ class WorkerProcess:
         env["DAGSTER_HOME"] = str(self.dagster_home)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         return env
 
     def wait_registered(self, timeout: float = 60.0) -> None:

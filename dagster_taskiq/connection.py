@@ -27,6 +27,7 @@ from dagster_taskiq.lifecycle.states import Outcome, TaskKind
 from dagster_taskiq.lifecycle.store import TaskStore
 from dagster_taskiq.payloads import TaskOutcome, decode_outcome, encode
 from dagster_taskiq.signing import SIGNATURE_LABEL, sign
+from dagster_taskiq.tracing import TraceContext, enqueue_span
 
 logger = logging.getLogger("dagster_taskiq")
 T = TypeVar("T")
@@ -116,10 +117,19 @@ class TaskiqConnection:
 
     # -- submitting --------------------------------------------------------------------------
     def build_message(
-        self, *, task_id: str, task_name: str, payload: str, queue: str, priority: int
+        self,
+        *,
+        task_id: str,
+        task_name: str,
+        payload: str,
+        queue: str,
+        priority: int,
+        trace_labels: dict[str, str] | None = None,
     ) -> BrokerMessage:
-        """The taskiq broker message for one task: one serdes JSON argument, routing labels."""
+        """The taskiq broker message for one task: one serdes JSON argument, routing labels,
+        and the trace context (``trace_labels``) when tracing is on."""
         labels: dict[str, Any] = {
+            **(trace_labels or {}),
             QUEUE_LABEL: queue,
             PRIORITY_LABEL: priority,
             "ack_type": "when_received",
@@ -143,15 +153,57 @@ class TaskiqConnection:
         queue: str,
         priority: int,
         heartbeat_timeout: float,
+        trace_parent: TraceContext | None = None,
     ) -> None:
         """Register the task (queued, unsent), send it, then mark it sent.
 
         A crash or a failed send between the steps leaves the task registered and unsent: any
-        worker's sweep sends it within ``heartbeat_timeout``.
+        worker's sweep sends it within ``heartbeat_timeout``. All of it is the task's
+        ``enqueue`` span (a child of ``trace_parent``, the sender's trace context).
         """
+        with enqueue_span(
+            parent=trace_parent,
+            kind=TaskKind(kind).value,
+            run_id=run_id,
+            step_key=step_key,
+            queue=queue,
+            task_id=task_id,
+        ) as trace_labels:
+            await self._submit(
+                task_id=task_id,
+                task_name=task_name,
+                payload=payload,
+                kind=kind,
+                run_id=run_id,
+                step_key=step_key,
+                queue=queue,
+                priority=priority,
+                heartbeat_timeout=heartbeat_timeout,
+                trace_labels=trace_labels,
+            )
+
+    async def _submit(
+        self,
+        *,
+        task_id: str,
+        task_name: str,
+        payload: str,
+        kind: TaskKind | str,
+        run_id: str,
+        step_key: str | None,
+        queue: str,
+        priority: int,
+        heartbeat_timeout: float,
+        trace_labels: dict[str, str],
+    ) -> None:
         await self.start()
         message = self.build_message(
-            task_id=task_id, task_name=task_name, payload=payload, queue=queue, priority=priority
+            task_id=task_id,
+            task_name=task_name,
+            payload=payload,
+            queue=queue,
+            priority=priority,
+            trace_labels=trace_labels,
         )
         size = len(message.message)
         if size > self.settings.max_message_bytes:

@@ -41,6 +41,7 @@ from dagster_taskiq.lifecycle.states import TaskKind, TaskState
 from dagster_taskiq.literal_secrets import warn_literal_secrets
 from dagster_taskiq.payloads import RUN_TASK_NAME, RunTaskPayload, TaskOutcome, encode
 from dagster_taskiq.tags import TASK_ID_TAG, run_routing
+from dagster_taskiq.tracing import current_context
 
 logger = logging.getLogger("dagster_taskiq.launcher")
 
@@ -179,6 +180,9 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         # Tag first: once the task is on the broker a worker may start the run at once.
         self._instance.add_run_tags(run.run_id, {TASK_ID_TAG: task_id})
 
+        # The bridge runs the coroutine on its own thread: hand it this thread's trace context.
+        trace_parent = current_context()
+
         async def _send(conn: TaskiqConnection) -> None:
             await conn.submit(
                 task_id=task_id,
@@ -190,6 +194,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                 queue=routing.queue,
                 priority=routing.priority,
                 heartbeat_timeout=self.settings.heartbeat_timeout,
+                trace_parent=trace_parent,
             )
 
         self.client.run(_send)

@@ -23,6 +23,7 @@ from dagster_taskiq.lifecycle.states import TaskKind
 from dagster_taskiq.payloads import STEP_TASK_NAME, StepTaskPayload, encode
 from dagster_taskiq.queue_watch import UnservedQueueWatch
 from dagster_taskiq.tags import step_routing
+from dagster_taskiq.tracing import current_context
 
 logger = logging.getLogger("dagster_taskiq")
 
@@ -77,6 +78,9 @@ class TaskiqStepHandler(StepHandler):
             )
         )
 
+        # The bridge runs the coroutine on its own thread: hand it this thread's trace context.
+        trace_parent = current_context()
+
         async def _submit(conn: TaskiqConnection) -> None:
             await conn.submit(
                 task_id=task_id,
@@ -88,6 +92,7 @@ class TaskiqStepHandler(StepHandler):
                 queue=routing.queue,
                 priority=routing.priority,
                 heartbeat_timeout=settings.heartbeat_timeout,
+                trace_parent=trace_parent,
             )
 
         self._client.run(_submit)

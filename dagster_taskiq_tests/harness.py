@@ -1,19 +1,26 @@
 """Test harness: isolated settings per test, real worker processes, condition waits."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from dagster_taskiq.config import TaskiqSettings, settings_to_config
+from dagster_taskiq.config import (
+    BACKEND_ENV,
+    BROKER_ENV,
+    SIGNING_KEY_ENV,
+    TaskiqSettings,
+    settings_to_config,
+)
 from dagster_taskiq.connection import TaskiqConnection
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +94,9 @@ class WorkerProcess:
         name: str | None = None,
         extra_args: Sequence[str] = (),
         log_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        stdout_path: Path | None = None,
+        from_instance: bool = False,
     ) -> None:
         self.settings = settings
         self.name = name or f"w-{uuid.uuid4().hex[:6]}"
@@ -94,34 +104,35 @@ class WorkerProcess:
         self.concurrency = concurrency
         self.dagster_home = dagster_home
         self.extra_args = list(extra_args)
+        self.extra_env = dict(env or {})
+        #: Where the worker's stdout goes (its log file, with stderr, unless given).
+        self.stdout_path = stdout_path
+        #: Start with no -y and no -q: the worker takes $DAGSTER_HOME's launcher config.
+        self.from_instance = from_instance
         self.log_path = (log_dir or dagster_home) / f"worker-{self.name}.log"
         self.config_path = (log_dir or dagster_home) / f"worker-{self.name}.yaml"
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         """The exact command line the worker runs with."""
-        args = [
-            sys.executable,
-            "-m",
-            "dagster_taskiq.cli",
-            "worker",
-            "start",
-            "-y",
-            str(self.config_path),
-        ]
-        for queue in self.queues:
-            args += ["-q", queue]
+        args = [sys.executable, "-m", "dagster_taskiq.cli", "worker", "start"]
+        if not self.from_instance:
+            args += ["-y", str(self.config_path)]
+            for queue in self.queues:
+                args += ["-q", queue]
         args += ["-c", str(self.concurrency), "-n", self.name, "--heartbeat-interval", "0.5"]
         return args + self.extra_args
 
     def start(self, wait: bool = True) -> "WorkerProcess":
         """Start the process; with ``wait``, return once it has registered its heartbeat."""
         self.config_path.write_text(yaml.safe_dump(executor_config(self.settings)))
-        with open(self.log_path, "ab") as log:
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(open(self.log_path, "ab"))
+            out = files.enter_context(open(self.stdout_path, "ab")) if self.stdout_path else None
             self.process = subprocess.Popen(
                 self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdout=out or log,
+                stderr=log if out else subprocess.STDOUT,
                 env=self.environment(),
                 cwd=str(REPO_ROOT),
             )
@@ -135,6 +146,10 @@ class WorkerProcess:
         env["DAGSTER_HOME"] = str(self.dagster_home)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
         env["PYTHONUNBUFFERED"] = "1"
+        if self.from_instance:  # the launcher's config must be what the worker runs with
+            for name in (BROKER_ENV, BACKEND_ENV, SIGNING_KEY_ENV):
+                env.pop(name, None)
+        env.update(self.extra_env)
         return env
 
     def wait_registered(self, timeout: float = 60.0) -> None:

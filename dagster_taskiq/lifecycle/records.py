@@ -123,6 +123,8 @@ class WorkerInfo:
     last_heartbeat: float
     instance: str = ""
     state: str = "serving"
+    #: The broker the worker consumes from, credentials redacted ("" from older workers).
+    broker: str = ""
 
     def as_mapping(self) -> dict[str, str]:
         """The record as Redis hash fields (the instance is written by the store itself)."""
@@ -136,6 +138,7 @@ class WorkerInfo:
             "started_at": repr(self.started_at),
             "last_heartbeat": repr(self.last_heartbeat),
             "state": self.state,
+            "broker": self.broker,
         }
 
     @classmethod
@@ -152,4 +155,5 @@ class WorkerInfo:
             last_heartbeat=float(data.get("last_heartbeat", "0")),
             instance=data.get("instance", ""),
             state=data.get("state", "serving"),
+            broker=data.get("broker", ""),
         )

@@ -12,14 +12,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from dagster_taskiq.instance_yaml import (
+    CONNECTION_KEYS,
+    find_instance_yaml,
+    overriding_flags,
+    read_launcher_yaml,
+)
 
-from dagster_taskiq.compat import Field, process_config
-from dagster_taskiq.config import shared_config_schema
+__all__ = ["TAKEN_KEYS", "CwdInstance", "current_folder", "overriding_flags", "read_cwd_instance"]
 
 #: The ``TaskiqRunLauncher`` keys that ``dev`` takes over (all but ``signing_key``, which stays
 #: with the launcher it was written for).
-TAKEN_KEYS = ("broker", "backend", "default_queue", "heartbeat_timeout", "config_source")
+TAKEN_KEYS = CONNECTION_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,18 +36,6 @@ class CwdInstance:
     origin: str = "./dagster.yaml"
 
 
-def _resolve_env(value: Any, env: Mapping[str, str], key: str) -> Any:
-    """``value`` with ``{env: VAR}`` replaced; raises ``LookupError`` naming an unset variable."""
-    if isinstance(value, dict) and set(value) == {"env"}:
-        name = str(value["env"])
-        if not env.get(name):
-            raise LookupError(f"its {key} reads {name}, which is not set")
-        return env[name]
-    if isinstance(value, dict):
-        return {k: _resolve_env(v, env, f"{key}.{k}") for k, v in value.items()}
-    return value
-
-
 def read_cwd_instance(
     folder: Path, env: Mapping[str, str], overridden_by: str | None = None
 ) -> CwdInstance:
@@ -51,56 +43,31 @@ def read_cwd_instance(
 
     ``overridden_by`` names the flags (``-y``, ``--broker``...) that take precedence, if any.
     """
-    path = next(
-        (folder / n for n in ("dagster.yaml", "dagster.yml") if (folder / n).exists()), None
-    )
+    path = find_instance_yaml(folder)
     if path is None:
         return CwdInstance({}, None)
     where = f"./{path.name}"
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        return CwdInstance(
-            {}, f"{where} is not used: it cannot be read ({exc}).".replace("\n", " ")
-        )
-    launcher = document.get("run_launcher") if isinstance(document, dict) else None
-    if not isinstance(launcher, dict) or launcher.get("class") != "TaskiqRunLauncher":
+    found = read_launcher_yaml(path, env, TAKEN_KEYS)
+    if found.unreadable:
+        return CwdInstance({}, f"{where} is not used: {found.problem}.")
+    if not found.names_launcher:
         return CwdInstance(
             {},
-            f"{where} is not used: it does not name TaskiqRunLauncher, and dev runs Dagster on a "
-            "temporary instance with TaskiqRunLauncher.",
+            f"{where} is not used: {found.problem}, and dev runs Dagster on a temporary "
+            "instance with TaskiqRunLauncher.",
         )
     not_used = f"{where} names TaskiqRunLauncher; its settings are not used:"
     if overridden_by:
         return CwdInstance({}, f"{not_used} {overridden_by} given.")
-    raw = launcher.get("config") or {}
-    try:
-        taken = {k: _resolve_env(raw[k], env, k) for k in TAKEN_KEYS if k in raw}
-    except LookupError as exc:
-        return CwdInstance({}, f"{not_used} {exc}.")
-    result = process_config(Field(shared_config_schema()).config_type, taken)
-    if not result.success:
-        errors = "; ".join(error.message for error in result.errors or [])
-        return CwdInstance({}, f"{not_used} {errors}")
+    if found.config is None:
+        return CwdInstance({}, f"{not_used} {found.problem}")
     return CwdInstance(
-        taken,
+        found.config,
         f"Using the TaskiqRunLauncher settings of {where} "
-        f"({', '.join(sorted(taken)) or 'all defaults'}); the Dagster instance itself is "
+        f"({', '.join(sorted(found.config)) or 'all defaults'}); the Dagster instance itself is "
         "temporary.",
         origin=where,
     )
-
-
-def overriding_flags(
-    config_yaml: str | None, broker: str | None, backend: str | None
-) -> str | None:
-    """The flags given that take precedence over ``./dagster.yaml``, as text, or None."""
-    given = [
-        flag
-        for flag, value in (("-y", config_yaml), ("--broker", broker), ("--backend", backend))
-        if value
-    ]
-    return " and ".join(given) if given else None
 
 
 def current_folder() -> Path:

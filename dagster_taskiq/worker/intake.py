@@ -30,6 +30,7 @@ from dagster_taskiq.payloads import (
     RunTaskPayload,
     StepTaskPayload,
 )
+from dagster_taskiq.tracing import TraceContext, extract
 from dagster_taskiq.worker.deadletters import dead_letter
 from dagster_taskiq.worker.options import WorkerOptions
 from dagster_taskiq.worker.supervisor import Supervisor
@@ -127,12 +128,16 @@ class Intake:
             return False
         self.claims[task_id] = (claim.fence, timeout)
         try:
-            return await self._start(task_id, claim.fence, payload)
+            return await self._start(task_id, claim.fence, payload, extract(taskiq_message.labels))
         finally:
             self.claims.pop(task_id, None)
 
     async def _start(
-        self, task_id: str, fence: int, payload: StepTaskPayload | RunTaskPayload
+        self,
+        task_id: str,
+        fence: int,
+        payload: StepTaskPayload | RunTaskPayload,
+        trace_parent: TraceContext | None,
     ) -> bool:
         conn = self.conn
         record = await self._persist(f"reading task {task_id}", lambda: conn.keystore.get(task_id))
@@ -156,7 +161,7 @@ class Intake:
             )
             return False
         async with self._holding_fork_guard():
-            self.supervisor.launch(record, fence, payload, dagster_run, sent_at)
+            self.supervisor.launch(record, fence, payload, dagster_run, sent_at, trace_parent)
         return True
 
     async def _refuse(

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from dagster_taskiq.config import TaskiqSettings
+from dagster_taskiq.config import TaskiqSettings, redact_url
 from dagster_taskiq.connection import TaskiqConnection
 from dagster_taskiq.errors import DagsterTaskiqError
 from dagster_taskiq.lifecycle.records import WorkerInfo
@@ -102,6 +102,7 @@ class Worker:
             started_at=self.started_at,
             last_heartbeat=time.time(),
             state=self.state.value,
+            broker=redact_url(self.settings.broker_url),
         )
 
     async def serve(self) -> int:

@@ -19,6 +19,7 @@ from dagster_taskiq.lifecycle.retry import retrying
 from dagster_taskiq.lifecycle.states import Outcome, TaskKind
 from dagster_taskiq.metrics.recorder import NullRecorder, TaskRecorder, metric_outcome
 from dagster_taskiq.payloads import RunTaskPayload, StepTaskPayload, TaskOutcome, encode
+from dagster_taskiq.tracing import ExecuteSpan, TraceContext, activated, flush, start_execute_span
 from dagster_taskiq.worker.bodies import run_step, run_whole_run
 from dagster_taskiq.worker.child import fork_child
 from dagster_taskiq.worker.deadletters import dead_letter
@@ -60,26 +61,49 @@ class Supervisor:
         payload: StepTaskPayload | RunTaskPayload,
         dagster_run: DagsterRun | None,
         started_at: float,
+        trace_parent: TraceContext | None = None,
     ) -> None:
         """Fork the task's process (the caller holds the fork guard) and supervise it.
 
-        ``started_at`` is when the start transition (which took the lease) was sent.
+        ``started_at`` is when the start transition (which took the lease) was sent;
+        ``trace_parent`` is the sender's trace context from the message labels. The task's
+        ``execute`` span covers its process and is current inside it.
         """
         name = self.options.name
         cache = self.cache
+        span = start_execute_span(
+            trace_parent,
+            kind=record.kind.value,
+            run_id=record.run_id,
+            step_key=record.step_key,
+            queue=record.queue,
+            task_id=record.task_id,
+            worker=name,
+        )
+        span_context = span.context()
         if isinstance(payload, StepTaskPayload):
 
             def body(step_done: Callable[[], None]) -> TaskOutcome:
-                return run_step(payload, name, cache, step_done, dagster_run, record)
+                with activated(span_context):
+                    return run_step(payload, name, cache, step_done, dagster_run, record)
 
         else:
 
             def body(step_done: Callable[[], None]) -> TaskOutcome:
-                return run_whole_run(payload, name, cache)
+                with activated(span_context):
+                    return run_whole_run(payload, name, cache)
+
+        def before_exit() -> None:
+            cache.before_exit()
+            flush()
 
         policy = LeasePolicy(record.heartbeat_timeout)
         clock = LeaseClock(started_at + policy.term_after, started_at + policy.kill_after)
-        child = fork_child(body, cache.after_fork, cache.before_exit, clock)
+        try:
+            child = fork_child(body, cache.after_fork, before_exit, clock)
+        except BaseException as exc:
+            span.end("failure", f"Could not fork the task's process: {exc}")
+            raise
         held = Held(record, fence, policy, child, clock, time.monotonic(), started_at)
         self.guard.hold(held)
         self.recorder.started(record)
@@ -91,7 +115,7 @@ class Supervisor:
             record.priority,
             child.pid,
         )
-        task = asyncio.create_task(self._supervise(held, payload))
+        task = asyncio.create_task(self._supervise(held, payload, span))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         if record.kind is TaskKind.RUN:
@@ -100,10 +124,13 @@ class Supervisor:
             self.slots.release()
 
     # -- finishing ---------------------------------------------------------------------------
-    async def _supervise(self, held: Held, payload: StepTaskPayload | RunTaskPayload) -> None:
+    async def _supervise(
+        self, held: Held, payload: StepTaskPayload | RunTaskPayload, span: ExecuteSpan
+    ) -> None:
         record = held.record
         holds_slot = record.kind is not TaskKind.RUN
         keystore = self.conn.keystore
+        traced: tuple[str, str | None] = ("failure", "The worker stopped supervising the task.")
         try:
             exit_code = await held.child.wait(
                 (lambda: keystore.wake_run(record.run_id)) if record.kind is TaskKind.STEP else None
@@ -115,6 +142,7 @@ class Supervisor:
                 self.slots.release()
             outcome = self._outcome(held, exit_code)
             counted_as = metric_outcome(outcome.status, outcome.step_failed)
+            traced = (counted_as.value, outcome.message or None)
             if outcome.status == Outcome.BAD_MESSAGE:
                 message = await keystore.message(record.task_id) or b""
                 await dead_letter(
@@ -138,6 +166,7 @@ class Supervisor:
             if await self._finish(held, outcome, elapsed) or held.lost:
                 self.recorder.finished(record, counted_as, elapsed)
         finally:
+            span.end(*traced)
             self.guard.release(held)
             if holds_slot:
                 self.slots.release()

@@ -15,8 +15,8 @@ from dagster import Field, IntSource, Noneable, Shape, StringSource
 
 from dagster_taskiq.errors import TaskiqConfigError
 from dagster_taskiq.tags import validate_queue_name
+from dagster_taskiq.urls import CLUSTER_SCHEMES, parse_redis_url, url_scheme
 from dagster_taskiq.urls import REDIS_SCHEMES as REDIS_SCHEMES
-from dagster_taskiq.urls import parse_redis_url, url_scheme
 from dagster_taskiq.urls import redact_url as redact_url
 
 BROKER_ENV = "DAGSTER_TASKIQ_BROKER_URL"
@@ -98,8 +98,8 @@ def broker_kind(url: str) -> str:
         return "rabbitmq"
     raise TaskiqConfigError(
         f"Unsupported broker URL scheme '{scheme}://' in {redact_url(url)!r}. Use redis://, "
-        "rediss://, unix://, redis+sentinel://, rediss+sentinel:// (Redis) or amqp://, "
-        "amqps:// (RabbitMQ)."
+        "rediss://, unix://, redis+sentinel://, rediss+sentinel://, redis+cluster://, "
+        "rediss+cluster:// (Redis) or amqp://, amqps:// (RabbitMQ)."
     )
 
 
@@ -107,8 +107,8 @@ def check_backend_url(url: str) -> str:
     """Return ``url`` if it is a Redis URL; the backend and key store are always Redis."""
     if url_scheme(url) not in REDIS_SCHEMES:
         raise TaskiqConfigError(
-            f"The result backend must be Redis (redis://, rediss://, unix:// or "
-            f"redis+sentinel://, rediss+sentinel://), got "
+            f"The result backend must be Redis (redis://, rediss://, unix://, "
+            f"redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://), got "
             f"{redact_url(url)!r}. Set 'backend' or {BACKEND_ENV} to a Redis URL."
         )
     check_redis_url(url, "backend")
@@ -153,8 +153,21 @@ class TaskiqSettings:
 
     @property
     def key_prefix(self) -> str:
-        """Prefix of every Redis key we write."""
-        return str(self.option("key_prefix", "dagster_taskiq"))
+        """Prefix of every Redis key we write.
+
+        On a Redis Cluster the prefix is one hash tag (``{dagster_taskiq}``), unless it already
+        holds one: every key of a deployment then lives in one hash slot, which every multi-key
+        script (task record with the indexes, a worker's pop across its queues) needs.
+        """
+        prefix = str(self.option("key_prefix", "dagster_taskiq"))
+        if self.on_cluster and "{" not in prefix:
+            return "{" + prefix + "}"
+        return prefix
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether the broker or the backend is a Redis Cluster URL."""
+        return any(url_scheme(u) in CLUSTER_SCHEMES for u in (self.broker_url, self.backend_url))
 
     @property
     def result_ttl(self) -> int:
@@ -193,7 +206,8 @@ def shared_config_schema() -> dict[str, Field]:
             default_value=None,
             description=(
                 f"Broker URL: redis://, rediss://, unix://, redis+sentinel://, "
-                f"rediss+sentinel:// or amqp://, amqps://. Defaults to "
+                f"rediss+sentinel://, redis+cluster://, rediss+cluster:// or amqp://, amqps://. "
+                f"Defaults to "
                 f"{BROKER_ENV}, then the run launcher's broker, then {DEFAULT_URL}."
             ),
         ),

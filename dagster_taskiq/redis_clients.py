@@ -4,13 +4,17 @@ The broker, the result backend, the key store, the metrics exporter and the CLI 
 client from :func:`make_redis`; local commands that only probe a server use
 :func:`make_sync_redis`. A Sentinel URL gives a client whose connections ask the sentinels for
 the current master each time they (re)connect, so after a failover the next reconnect (driven by
-the callers' retry policy, :mod:`dagster_taskiq.lifecycle.retry`) reaches the new master.
+the callers' retry policy, :mod:`dagster_taskiq.lifecycle.retry`) reaches the new master. A
+Cluster URL gives a :class:`~redis.asyncio.cluster.RedisCluster`, which routes each command (and
+each script, whose keys share one hash slot, see :mod:`dagster_taskiq.lifecycle.keys`) to the
+node that owns its slot.
 """
 
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
@@ -79,6 +83,8 @@ def make_redis(url: str, settings: TaskiqSettings) -> Redis:
     options = connection_options(settings, target)
     if target.mode == "single":
         return Redis.from_url(url, **options)
+    if target.mode == "cluster":
+        return _make_cluster(target, options)
     assert target.master is not None  # a sentinel target always names its master
     sentinel = Sentinel(list(target.hosts), sentinel_kwargs=_sentinel_options(settings, target))
     auth = {"username": target.username, "password": target.password}
@@ -89,12 +95,37 @@ def make_redis(url: str, settings: TaskiqSettings) -> Redis:
     return sentinel.master_for(target.master, redis_class=Redis, **master_options)
 
 
+def _make_cluster(target: RedisTarget, options: dict[str, Any]) -> Redis:
+    """A cluster client. It answers the same commands as :class:`Redis` for keys in one slot
+    (the only kind we use), so callers keep one type."""
+    cluster_options: dict[str, Any] = {
+        "username": target.username,
+        "password": target.password,
+        **options,
+    }
+    if target.tls:
+        cluster_options["ssl"] = True
+    nodes = [ClusterNode(host, port) for host, port in target.hosts]
+    cluster = RedisCluster(startup_nodes=nodes, **cluster_options)
+    return cast(Redis, cluster)
+
+
 def make_sync_redis(url: str, *, timeout: float) -> redis.Redis:
     """A blocking redis-py client for any Redis URL form, for quick probes (``PING``)."""
     target = parse_redis_url(url)
     options: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
     if target.mode == "single":
         return redis.Redis.from_url(url, **options)
+    if target.mode == "cluster":
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.hosts]
+        cluster = redis.RedisCluster(
+            startup_nodes=nodes,
+            username=target.username,
+            password=target.password,
+            ssl=target.tls,
+            **options,
+        )
+        return cast(redis.Redis, cluster)
     assert target.master is not None
     if target.tls:
         options["ssl"] = True

@@ -5,7 +5,9 @@ Three Redis URL forms are understood, all parsed here and nowhere else:
 * one server: ``redis://``, ``rediss://`` (TLS) and ``unix://``, in redis-py's own format;
 * Redis behind Sentinel: ``redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/DB]``
   (``rediss+sentinel://`` for TLS). The hosts are the sentinels; the credentials, database and
-  TLS apply to the master the sentinels name.
+  TLS apply to the master the sentinels name;
+* Redis Cluster: ``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://``
+  for TLS). The hosts are start-up nodes; the cluster has database 0 only.
 """
 
 import dataclasses
@@ -19,15 +21,22 @@ from dagster_taskiq.errors import TaskiqConfigError
 SINGLE_SCHEMES = frozenset({"redis", "rediss", "unix"})
 #: Schemes of Redis behind Sentinel.
 SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
+#: Schemes of a Redis Cluster.
+CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
 #: Every Redis scheme we accept for the broker, the result backend and the key store.
-REDIS_SCHEMES = SINGLE_SCHEMES | SENTINEL_SCHEMES
+REDIS_SCHEMES = SINGLE_SCHEMES | SENTINEL_SCHEMES | CLUSTER_SCHEMES
 
 #: Port of a sentinel written without one.
 DEFAULT_SENTINEL_PORT = 26379
+#: Port of a cluster node written without one.
+DEFAULT_CLUSTER_PORT = 6379
 
 SENTINEL_FORM = (
     "redis+sentinel://[user:password@]host:port[,host:port...]/MASTER_NAME[/DB] "
     "(rediss+sentinel:// for TLS)"
+)
+CLUSTER_FORM = (
+    "redis+cluster://[user:password@]host:port[,host:port...] (rediss+cluster:// for TLS)"
 )
 SINGLE_FORM = "redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path?db=N"
 
@@ -56,11 +65,12 @@ def url_scheme(url: str) -> str:
 class RedisTarget:
     """What a Redis URL points at.
 
-    ``mode`` is ``"single"`` (``url`` is handed to redis-py as it is) or ``"sentinel"`` (the
-    ``hosts`` are sentinels that name the master ``master``).
+    ``mode`` is ``"single"`` (``url`` is handed to redis-py as it is), ``"sentinel"`` (the
+    ``hosts`` are sentinels that name the master ``master``) or ``"cluster"`` (the ``hosts`` are
+    start-up nodes of a Redis Cluster).
     """
 
-    mode: Literal["single", "sentinel"]
+    mode: Literal["single", "sentinel", "cluster"]
     url: str = dataclasses.field(repr=False)
     hosts: tuple[tuple[str, int], ...] = ()
     master: str | None = None
@@ -74,6 +84,8 @@ class RedisTarget:
         if self.mode == "single":
             return redact_url(self.url)
         hosts = ",".join(_format_host(host, port) for host, port in self.hosts)
+        if self.mode == "cluster":
+            return f"Redis Cluster via {hosts}"
         return f"master '{self.master}' (db {self.db}) via sentinels {hosts}"
 
 
@@ -88,9 +100,11 @@ def parse_redis_url(url: str, what: str = "Redis") -> RedisTarget:
         return RedisTarget(mode="single", url=url, tls=scheme == "rediss")
     if scheme in SENTINEL_SCHEMES:
         return _parse_sentinel(url, scheme, what)
+    if scheme in CLUSTER_SCHEMES:
+        return _parse_cluster(url, scheme, what)
     raise TaskiqConfigError(
-        f"The {what} URL {redact_url(url)!r} is not a Redis URL. Use {SINGLE_FORM}, or "
-        f"{SENTINEL_FORM}."
+        f"The {what} URL {redact_url(url)!r} is not a Redis URL. Use {SINGLE_FORM}, "
+        f"{SENTINEL_FORM}, or {CLUSTER_FORM}."
     )
 
 
@@ -106,13 +120,20 @@ def _check_single(url: str, scheme: str, what: str) -> None:
         ) from None
 
 
-def _parse_sentinel(url: str, scheme: str, what: str) -> RedisTarget:
+def _error_builder(url: str, what: str, kind: str, form: str) -> Callable[[str], TaskiqConfigError]:
     def bad(reason: str) -> TaskiqConfigError:
         return TaskiqConfigError(
-            f"The {what} URL {redact_url(url)!r} is not a valid Sentinel URL: {reason}. Fix the "
-            f"'{what}' setting; the form is {SENTINEL_FORM}."
+            f"The {what} URL {redact_url(url)!r} is not a valid {kind} URL: {reason}. Fix the "
+            f"'{what}' setting; the form is {form}."
         )
 
+    return bad
+
+
+def _split(
+    url: str, scheme: str, default_port: int, bad: Callable[[str], TaskiqConfigError]
+) -> tuple[str | None, str | None, tuple[tuple[str, int], ...], bool, str]:
+    """(username, password, hosts, whether a path follows, the path) of a multi-host URL."""
     rest = url[len(scheme) + 3 :]
     if "?" in rest or "#" in rest:
         raise bad("it takes no query or fragment (TLS options go in config_source)")
@@ -123,7 +144,28 @@ def _parse_sentinel(url: str, scheme: str, what: str) -> RedisTarget:
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon else None
-    hosts = tuple(_parse_host(part, DEFAULT_SENTINEL_PORT, bad) for part in hostlist.split(","))
+    hosts = tuple(_parse_host(part, default_port, bad) for part in hostlist.split(","))
+    return username, password, hosts, bool(slash), path
+
+
+def _parse_cluster(url: str, scheme: str, what: str) -> RedisTarget:
+    bad = _error_builder(url, what, "Redis Cluster", CLUSTER_FORM)
+    username, password, hosts, _, path = _split(url, scheme, DEFAULT_CLUSTER_PORT, bad)
+    if path.strip("/") not in ("", "0"):
+        raise bad(f"a cluster has database 0 only, not '/{path}'")
+    return RedisTarget(
+        mode="cluster",
+        url=url,
+        hosts=hosts,
+        username=username,
+        password=password,
+        tls=scheme.startswith("rediss"),
+    )
+
+
+def _parse_sentinel(url: str, scheme: str, what: str) -> RedisTarget:
+    bad = _error_builder(url, what, "Sentinel", SENTINEL_FORM)
+    username, password, hosts, slash, path = _split(url, scheme, DEFAULT_SENTINEL_PORT, bad)
     segments = path.strip("/").split("/") if slash and path.strip("/") else []
     if not segments:
         raise bad("the master name is missing after the hosts")

@@ -1,6 +1,7 @@
 """Redis URL forms (single server, Sentinel) and the client factory; no network."""
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from dagster_taskiq.config import TaskiqSettings, resolve_settings
@@ -132,3 +133,55 @@ def test_sync_factory_builds_a_sentinel_managed_client() -> None:
     assert pool.service_name == "mymaster"  # type: ignore[attr-defined]
     assert (pool.connection_kwargs["db"], pool.connection_kwargs["password"]) == (2, "pw")
     client.close()
+
+
+def test_cluster_urls() -> None:
+    target = parse_redis_url("rediss+cluster://app:pw@10.0.0.1:7000,10.0.0.2,[::1]:7002/0")
+    assert (target.mode, target.tls, target.username, target.password) == (
+        "cluster",
+        True,
+        "app",
+        "pw",
+    )
+    assert target.hosts == (("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002))
+    assert "pw" not in target.describe()
+    assert parse_redis_url("redis+cluster://h:7000").hosts == (("h", 7000),)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis+cluster://u:hunter2@h:7000/1", "database 0 only"),
+        ("redis+cluster://u:hunter2@h:7000,/", "a host is empty"),
+        ("redis+cluster://u:hunter2@h:x", "port 'x'"),
+        ("redis+cluster://u:hunter2@h:7000?ssl=true", "takes no query"),
+    ],
+)
+def test_bad_cluster_urls_name_the_form(url: str, reason: str) -> None:
+    with pytest.raises(TaskiqConfigError) as info:
+        resolve_settings({"backend": url})
+    message = str(info.value)
+    assert reason in message and "not a valid Redis Cluster URL" in message, message
+    assert "redis+cluster://[user:password@]host:port[,host:port...]" in message
+    assert "hunter2" not in message
+
+
+def test_cluster_settings_put_every_key_in_one_hash_slot() -> None:
+    url = "redis+cluster://127.0.0.1:7000"
+    assert resolve_settings({"broker": url}).key_prefix == "{dagster_taskiq}"
+    tagged = resolve_settings({"broker": url, "config_source": {"key_prefix": "a{b}"}})
+    assert tagged.key_prefix == "a{b}"
+    plain = resolve_settings({"broker": "redis://h/0", "config_source": {"key_prefix": "p"}})
+    assert plain.key_prefix == "p"
+
+
+def test_factory_builds_a_cluster_client() -> None:
+    settings = resolve_settings(
+        {"broker": "redis+cluster://app:pw@127.0.0.1:1,127.0.0.1:2", "config_source": {}}
+    )
+    client = make_redis(settings.broker_url, settings)
+    assert isinstance(client, RedisCluster)
+    ports = sorted(node.port for node in client.nodes_manager.startup_nodes.values())
+    assert ports == [1, 2]
+    assert client.connection_kwargs["password"] == "pw"
+    assert client.connection_kwargs["username"] == "app"

@@ -9,13 +9,15 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from dagster import Any as ConfigAny
 from dagster import Field, IntSource, Noneable, Shape, StringSource
 
 from dagster_taskiq.errors import TaskiqConfigError
 from dagster_taskiq.tags import validate_queue_name
+from dagster_taskiq.urls import CLUSTER_SCHEMES, parse_redis_url, url_scheme
+from dagster_taskiq.urls import REDIS_SCHEMES as REDIS_SCHEMES
+from dagster_taskiq.urls import redact_url as redact_url
 
 BROKER_ENV = "DAGSTER_TASKIQ_BROKER_URL"
 BACKEND_ENV = "DAGSTER_TASKIQ_BACKEND_URL"
@@ -24,7 +26,6 @@ DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "dagster"
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 RABBITMQ_SCHEMES = frozenset({"amqp", "amqps"})
 
 #: Options of ``config_source`` that dagster-taskiq itself reads; anything else is handed to the
@@ -54,6 +55,9 @@ REDIS_CONNECTION_OPTIONS = {
     "username": "redis-py: ACL user (else from the URL)",
     "password": "redis-py: password (else from the URL); write it as {env: VAR}",
     "max_connections": "redis-py: connection pool size",
+    "sentinel_username": "Sentinel URLs: ACL user of the sentinels themselves (if they have one)",
+    "sentinel_password": "Sentinel URLs: password of the sentinels themselves (the URL's "
+    "password is the master's); write it as {env: VAR}",
 }
 
 #: ``config_source`` keys handed to the RabbitMQ connection (aio-pika ``connect_robust``).
@@ -84,23 +88,9 @@ def check_config_source(source: Mapping[str, Any]) -> None:
         )
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe for logs, events and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    # Keep the host part exactly as written (IPv6 brackets, port); replace only the password.
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def broker_kind(url: str) -> str:
     """``"redis"`` or ``"rabbitmq"`` for a broker URL, else :class:`TaskiqConfigError`."""
-    scheme = urlsplit(url).scheme.lower()
+    scheme = url_scheme(url)
     if scheme in REDIS_SCHEMES:
         check_redis_url(url, "broker")
         return "redis"
@@ -108,16 +98,17 @@ def broker_kind(url: str) -> str:
         return "rabbitmq"
     raise TaskiqConfigError(
         f"Unsupported broker URL scheme '{scheme}://' in {redact_url(url)!r}. Use redis://, "
-        "rediss://, unix:// (Redis) or amqp://, amqps:// (RabbitMQ)."
+        "rediss://, unix://, redis+sentinel://, rediss+sentinel://, redis+cluster://, "
+        "rediss+cluster:// (Redis) or amqp://, amqps:// (RabbitMQ)."
     )
 
 
 def check_backend_url(url: str) -> str:
     """Return ``url`` if it is a Redis URL; the backend and key store are always Redis."""
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in REDIS_SCHEMES:
+    if url_scheme(url) not in REDIS_SCHEMES:
         raise TaskiqConfigError(
-            f"The result backend must be Redis (redis://, rediss:// or unix://), got "
+            f"The result backend must be Redis (redis://, rediss://, unix://, "
+            f"redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://), got "
             f"{redact_url(url)!r}. Set 'backend' or {BACKEND_ENV} to a Redis URL."
         )
     check_redis_url(url, "backend")
@@ -125,17 +116,8 @@ def check_backend_url(url: str) -> str:
 
 
 def check_redis_url(url: str, what: str) -> None:
-    """Raise :class:`TaskiqConfigError` if redis-py cannot parse ``url`` (say, ``?db=x``)."""
-    from redis.connection import parse_url
-
-    scheme = urlsplit(url).scheme
-    try:
-        parse_url(scheme.lower() + url[len(scheme) :])
-    except ValueError as exc:
-        raise TaskiqConfigError(
-            f"The {what} URL {redact_url(url)!r} is malformed: {exc} Fix the '{what}' setting "
-            "(see the redis-py URL format: redis://[[user]:password@]host[:port][/db])."
-        ) from None
+    """Raise :class:`TaskiqConfigError` if ``url`` is not a valid Redis URL of any form."""
+    parse_redis_url(url, what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +153,21 @@ class TaskiqSettings:
 
     @property
     def key_prefix(self) -> str:
-        """Prefix of every Redis key we write."""
-        return str(self.option("key_prefix", "dagster_taskiq"))
+        """Prefix of every Redis key we write.
+
+        On a Redis Cluster the prefix is one hash tag (``{dagster_taskiq}``), unless it already
+        holds one: every key of a deployment then lives in one hash slot, which every multi-key
+        script (task record with the indexes, a worker's pop across its queues) needs.
+        """
+        prefix = str(self.option("key_prefix", "dagster_taskiq"))
+        if self.on_cluster and "{" not in prefix:
+            return "{" + prefix + "}"
+        return prefix
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether the broker or the backend is a Redis Cluster URL."""
+        return any(url_scheme(u) in CLUSTER_SCHEMES for u in (self.broker_url, self.backend_url))
 
     @property
     def result_ttl(self) -> int:
@@ -210,7 +205,9 @@ def shared_config_schema() -> dict[str, Field]:
             is_required=False,
             default_value=None,
             description=(
-                f"Broker URL: redis://, rediss://, unix:// or amqp://, amqps://. Defaults to "
+                f"Broker URL: redis://, rediss://, unix://, redis+sentinel://, "
+                f"rediss+sentinel://, redis+cluster://, rediss+cluster:// or amqp://, amqps://. "
+                f"Defaults to "
                 f"{BROKER_ENV}, then the run launcher's broker, then {DEFAULT_URL}."
             ),
         ),

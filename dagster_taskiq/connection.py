@@ -65,7 +65,11 @@ class TaskiqConnection:
         )
         self.broker_redis = broker_redis
         self.broker: AsyncBroker = make_broker(
-            settings, broker_redis=broker_redis, listen_queues=listen_queues, consumer=consumer
+            settings,
+            broker_redis=broker_redis,
+            backend_redis=self.backend_redis,
+            listen_queues=listen_queues,
+            consumer=consumer,
         )
         self.broker.is_worker_process = bool(listen_queues)
         self.keys = KeySpace(settings.key_prefix)
@@ -107,9 +111,6 @@ class TaskiqConnection:
                 await self.broker.shutdown()
             except Exception:
                 logger.debug("broker shutdown failed", exc_info=True)
-        backend = self.broker.result_backend
-        if hasattr(backend, "redis_pool"):
-            await backend.redis_pool.disconnect()
         if self.broker_redis is not None and self.broker_redis is not self.backend_redis:
             await self.broker_redis.aclose()
         await self.backend_redis.aclose()

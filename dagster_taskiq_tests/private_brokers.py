@@ -94,6 +94,7 @@ class PrivateRedis:
     :param password: ``requirepass`` for the default user.
     :param acl_users: extra ``user`` ACL lines, e.g. ``"dtuser on >secret ~* &* +@all"``.
     :param tls: serve TLS only (``--tls-port``) with a self-signed CA (:func:`make_tls_files`).
+    :param extra_config: more ``redis.conf`` lines, e.g. ``"replicaof 127.0.0.1 6390"``.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class PrivateRedis:
         password: str | None = None,
         acl_users: Sequence[str] = (),
         tls: bool = False,
+        extra_config: Sequence[str] = (),
     ) -> None:
         self.binary = require_binary("redis-server", "redis-server")
         self.workdir = workdir
@@ -112,6 +114,7 @@ class PrivateRedis:
         self.appendonly = appendonly
         self.password = password
         self.acl_users = list(acl_users)
+        self.extra_config = list(extra_config)
         self.tls_files = make_tls_files(workdir / "tls") if tls else None
         self.log_path = workdir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -154,6 +157,7 @@ class PrivateRedis:
         if self.password is not None:
             lines.append(f"requirepass {self.password}")
         lines += [f"user {spec}" for spec in self.acl_users]
+        lines += self.extra_config
         return "\n".join(lines) + "\n"
 
     def start(self) -> "PrivateRedis":
@@ -196,6 +200,12 @@ class PrivateRedis:
         """Stop, then start again on the same port with the same data."""
         self.stop()
         self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the server: it dies at once, without flushing or saying goodbye."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(20)
 
     def pause(self) -> None:
         """SIGSTOP the server: connections hang instead of being refused."""

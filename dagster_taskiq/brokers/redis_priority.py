@@ -196,7 +196,8 @@ return restored
 # KEYS[1] queue zset, KEYS[2] consumer registry set. ARGV: member, unacked key prefix, liveness
 # key prefix (a consumer's keys are prefix .. name). Returns 1 if the member waits in the queue or
 # is parked by a live registered consumer.
-# Not Redis Cluster-safe yet: the per-consumer keys are built here instead of declared in KEYS.
+# The per-consumer keys are built here instead of declared in KEYS; on a Redis Cluster this is
+# safe only because all of a deployment's keys share one hash tag (TaskiqSettings.key_prefix).
 _HOLDS = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -208,6 +209,13 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   end
 end
 return 0
+"""
+
+# KEYS[1] queue zset. Empties it at once; returns how many messages it held.
+_PURGE = """
+local count = redis.call('ZCARD', KEYS[1])
+redis.call('DEL', KEYS[1])
+return count
 """
 
 
@@ -288,6 +296,7 @@ class RedisPriorityBroker(AsyncBroker):
         self._resolve = redis.register_script(_RESOLVE)
         self._retire = redis.register_script(_RETIRE)
         self._holds = redis.register_script(_HOLDS)
+        self._purge = redis.register_script(_PURGE)
         self._last_recovery = float("-inf")
         self._last_stray_check = float("-inf")
         #: Tokens of popped messages not yet resolved; their parked entries must stay parked.
@@ -514,11 +523,7 @@ class RedisPriorityBroker(AsyncBroker):
     async def purge(self, queue: str) -> int:
         """Remove every message waiting in ``queue`` (not those a consumer already took);
         returns how many."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zcard(self.keys.queue(queue))
-            pipe.delete(self.keys.queue(queue))
-            count, _ = await pipe.execute()
-        return int(count)
+        return int(await self._purge(keys=[self.keys.queue(queue)]))
 
     async def known_queues(self) -> list[str]:
         """Names of queues that have had messages (from the queue registry), sorted."""

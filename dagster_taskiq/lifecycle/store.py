@@ -12,6 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
 from dagster_taskiq.lifecycle import scripts
 from dagster_taskiq.lifecycle.deadletters import DeadLetter, DeadLetterBook
@@ -120,6 +123,16 @@ class TaskStore:
     def prefix(self) -> str:
         """The key prefix."""
         return self.keys.prefix
+
+    async def _queue_script(
+        self, pipe: Pipeline, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> None:
+        """Queue ``script`` in ``pipe``. A plain pipeline loads missing scripts itself before it
+        runs; a Redis Cluster pipeline does not, so there the script's text goes as EVAL."""
+        if isinstance(self.redis, RedisCluster):
+            pipe.eval(script.script, len(keys), *keys, *args)
+        else:
+            await script(keys=list(keys), args=list(args), client=pipe)
 
     @property
     def _record_ttl(self) -> int:
@@ -277,13 +290,14 @@ class TaskStore:
                 fence, timeout = leases[task_id]
                 policy = LeasePolicy(timeout)
                 run_id = task_id.split(".", 1)[0]
-                await self._renew(
+                await self._queue_script(
+                    pipe,
+                    self._renew,
                     keys=[self.keys.task(task_id), self.keys.lease(task_id), self.keys.due,
                           self.keys.run_index(run_id)],
                     args=[fence, repr(now), policy.lease_ms,
                           repr(now + policy.lease_check_after),
                           self._record_ttl + int(timeout) + 1],
-                    client=pipe,
                 )  # fmt: skip
             raw = await pipe.execute()
         return {task_id: Transition.parse(value) for task_id, value in zip(ids, raw, strict=True)}
@@ -410,10 +424,11 @@ class TaskStore:
         for key, value in info.as_mapping().items():
             fields += [key, value]
         async with self.redis.pipeline(transaction=False) as pipe:
-            await self._register_worker(
+            await self._queue_script(
+                pipe,
+                self._register_worker,
                 keys=[self.keys.worker(info.name), self.keys.workers],
                 args=[info.name, instance, int(ttl * 1000), *fields],
-                client=pipe,
             )
             pipe.exists(self.keys.shutdown(info.name))
             registered, shutdown = await pipe.execute()

@@ -34,6 +34,7 @@ from dagster_taskiq.connection import TaskiqClient
 from dagster_taskiq.embedded import EmbeddedRedis
 from dagster_taskiq.lifecycle.records import WorkerInfo
 from dagster_taskiq.local.processes import ManagedProcess
+from dagster_taskiq.redis_clients import make_sync_redis
 
 #: Where the demo looks for a Redis that is already running when no broker is configured.
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -72,7 +73,7 @@ def read_config_yaml(path: str | None) -> dict[str, Any]:
 def redis_answers(url: str, timeout: float = 0.5) -> bool:
     """Whether a Redis server at ``url`` answers PING within ``timeout`` seconds."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = make_sync_redis(url, timeout=timeout)
         try:
             return bool(client.ping())
         finally:

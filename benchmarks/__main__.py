@@ -1,4 +1,4 @@
-"""``python -m benchmarks run|report``: the dagster-taskiq benchmark command line."""
+"""``python -m benchmarks run|report|hops``: the dagster-taskiq benchmark command line."""
 
 import argparse
 import datetime
@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None, help="JSON lines file to write")
     run.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
     run.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    hops = sub.add_parser(
+        "hops", help="where a hop's time goes, from a kept DAGSTER_HOME (run --keep)"
+    )
+    hops.add_argument("home", type=Path, help="an executor's DAGSTER_HOME under the kept folder")
     report = sub.add_parser("report", help="summarize a JSON lines file again")
     report.add_argument("path", type=Path)
     report.add_argument("--markdown", action="store_true")
@@ -94,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so workers and private brokers are always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.command == "hops":
+        from benchmarks.hops import breakdown_of
+
+        print(breakdown_of(args.home))
+        return 0
     if args.command == "report":
         stored = [json.loads(line) for line in args.path.read_text().splitlines() if line]
         # Summaries, targets and the scaling verdict are computed again from the raw records, so

@@ -189,12 +189,31 @@ class TaskiqSettings:
         """``config_source`` entries that go to the broker connection unchanged."""
         return {k: v for k, v in self.config_source.items() if k not in KNOWN_SOURCE_OPTIONS}
 
+    def __repr__(self) -> str:
+        """The settings with credentials hidden: URL passwords, secret options, the signing key."""
+        source = {
+            name: "***" if _is_secret_option(name) else value
+            for name, value in self.config_source.items()
+        }
+        return (
+            f"TaskiqSettings(broker_url={redact_url(self.broker_url)!r}, "
+            f"backend_url={redact_url(self.backend_url)!r}, "
+            f"default_queue={self.default_queue!r}, heartbeat_timeout={self.heartbeat_timeout!r}, "
+            f"config_source={source!r})"
+        )
+
     def describe(self) -> str:
         """A one-line, credential-free description for logs and events."""
         return (
             f"broker {redact_url(self.broker_url)}, backend {redact_url(self.backend_url)}, "
             f"default queue '{self.default_queue}'"
         )
+
+
+def _is_secret_option(name: str) -> bool:
+    """Whether a ``config_source`` option holds a credential (never shown)."""
+    lowered = name.lower()
+    return any(word in lowered for word in ("password", "secret", "token"))
 
 
 def shared_config_schema() -> dict[str, Field]:

@@ -309,3 +309,19 @@ def test_bad_celery_priority_names_the_celery_tag() -> None:
     with pytest.warns(CeleryTagWarning), pytest.raises(InvalidTagError) as info:
         run_priority_from_tags({"dagster-celery/run_priority": "soon"}, "step 'a' of run r")
     assert "Tag 'dagster-celery/run_priority' on step 'a' of run r" in str(info.value)
+
+
+def test_settings_repr_hides_every_credential() -> None:
+    """A settings object that ends up in a log, a traceback or a debugger shows no secret."""
+    from dagster_taskiq.config import TaskiqSettings
+
+    settings = TaskiqSettings(
+        broker_url="redis://:hunter2@127.0.0.1:6379/0",
+        backend_url="redis+sentinel://user:s3cret@127.0.0.1:26379,127.0.0.1:26380/main",
+        config_source={"password": "pw-one", "sentinel_password": "pw-two", "key_prefix": "p"},
+        signing_key="signing-secret",
+    )
+    shown = repr(settings) + str(settings)
+    for secret in ("hunter2", "s3cret", "pw-one", "pw-two", "signing-secret"):
+        assert secret not in shown
+    assert "127.0.0.1:6379/0" in shown and "'key_prefix': 'p'" in shown

@@ -196,6 +196,16 @@ class Intake:
                 logger.warning("Warm-up failed (%s); the task process will retry it.", exc)
         return None
 
+    def preload(self) -> bool:
+        """Open the worker's own Dagster instance before any task asks for it (blocking: call it
+        in a thread). Holds the fork guard, so no task process forks while it connects."""
+        with self.fork_guard:
+            try:
+                return self.cache.preload_own_instance()
+            except Exception as exc:
+                logger.warning("Could not open the Dagster instance ahead of time (%s).", exc)
+                return False
+
     @contextlib.asynccontextmanager
     async def _holding_fork_guard(self) -> AsyncIterator[None]:
         guard = self.fork_guard

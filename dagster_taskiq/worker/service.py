@@ -158,6 +158,9 @@ class Worker:
         ]
         if endpoint:
             background.append(asyncio.create_task(endpoint.probe.run(conn)))
+        # Optional work comes after the worker consumes: a task that arrives meanwhile waits for
+        # the instance to open (as it would open it itself) and no longer.
+        background.append(asyncio.create_task(_open_instance_early(intake)))
         logger.info(
             "Worker %s ready: queues %s, concurrency %d, %s.",
             self.options.name,
@@ -226,3 +229,8 @@ class Worker:
 def run_worker(settings: TaskiqSettings, options: WorkerOptions) -> int:
     """Run a worker in this process until it is stopped; returns the exit code."""
     return asyncio.run(Worker(settings, options).serve())
+
+
+async def _open_instance_early(intake: Intake) -> None:
+    """Open the worker's own Dagster instance in a thread (see :meth:`Intake.preload`)."""
+    await asyncio.to_thread(intake.preload)

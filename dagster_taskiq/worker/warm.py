@@ -24,8 +24,10 @@ import gc
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
 from dagster import DagsterInstance, JobDefinition
 
 from dagster_taskiq.compat import (
@@ -41,6 +43,7 @@ from dagster_taskiq.compat import (
     create_execution_plan,
     recon_job_from_origin,
 )
+from dagster_taskiq.instance_yaml import find_instance_yaml
 from dagster_taskiq.storage_connections import (
     close_sqlite_connections,
     keep_sqlite_connections_open,
@@ -96,6 +99,22 @@ class WarmCache:
         if self._own_instance is None:
             self._own_instance = _opened(DagsterInstance.get())
         return self._own_instance
+
+    def preload_own_instance(self) -> bool:
+        """Open the worker's own instance (``DAGSTER_HOME``) ahead of the first task.
+
+        It is filed under its own ref as well, so a task whose ref is the same (workers and
+        orchestrators sharing one ``dagster.yaml``) finds it open. Done only when the instance's
+        storage exists already: Dagster creates its default SQLite storage on first open, and
+        creating it here could race the webserver or an orchestrator creating it. Returns
+        whether the instance is now open.
+        """
+        home = os.environ.get("DAGSTER_HOME")
+        if not home or not instance_storage_exists(Path(home)):
+            return False
+        instance = self.own_instance()
+        self._instances.setdefault(repr(instance.get_ref()), instance)
+        return True
 
     def run_instance(self, ref: InstanceRef | None) -> DagsterInstance:
         """Instance for a run task: the worker's own if DAGSTER_HOME is set, else ``ref``."""
@@ -257,6 +276,25 @@ class WarmCache:
     def _all_instances(self) -> list[DagsterInstance]:
         own = [self._own_instance] if self._own_instance is not None else []
         return [*self._instances.values(), *own]
+
+
+#: ``dagster.yaml`` sections that configure storage; without any, it is SQLite under the home.
+STORAGE_SECTIONS = ("storage", "run_storage", "event_log_storage", "schedule_storage")
+
+
+def instance_storage_exists(home: Path) -> bool:
+    """Whether opening the instance at ``home`` would not create its storage: it names a
+    storage of its own (a database server, created safely by Dagster), or its default SQLite
+    run database is there already."""
+    found = find_instance_yaml(home)
+    if found is not None:
+        try:
+            config = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return False
+        if isinstance(config, dict) and any(section in config for section in STORAGE_SECTIONS):
+            return True
+    return (home / "history" / "runs.db").exists()
 
 
 def _opened(instance: DagsterInstance) -> DagsterInstance:

@@ -8,8 +8,6 @@ line and exits 1; usage errors exit 2 (click's default).
 
 import asyncio
 import contextlib
-import datetime
-import functools
 import json
 import logging
 import os
@@ -17,211 +15,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import click
-import yaml
 
-from dagster_taskiq.config import TaskiqSettings, redact_url, resolve_settings
-from dagster_taskiq.errors import DagsterTaskiqError, UnknownWorkerError
+from dagster_taskiq.commands.common import (
+    BACKGROUND_START_TIMEOUT,
+    UserError,
+    connection_options,
+    format_table,
+    format_time,
+    load_settings,
+    user_errors,
+    with_connection,
+)
+from dagster_taskiq.config import TaskiqSettings
+from dagster_taskiq.errors import UnknownWorkerError
 from dagster_taskiq.local.demo import demo
 from dagster_taskiq.local.dev import dev
 from dagster_taskiq.metrics.exporter_command import exporter_command
 from dagster_taskiq.version import __version__
 from dagster_taskiq.worker.options import worker_name_for
 
-F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
 
-#: Longest a one-shot command waits for the broker and backend before giving up. With Python's
-#: start-up this keeps "unreachable broker" well within the 10 s the interface promises.
-CONNECT_DEADLINE = 4.0
-#: Longest a one-shot command's work may take once connected.
-OPERATION_DEADLINE = 20.0
-#: How long ``worker start -d`` waits for the detached worker to register.
-BACKGROUND_START_TIMEOUT = 60.0
-#: Libraries that log every reconnect attempt; one-shot commands keep them quiet.
-NOISY_LOGGERS = ("aio_pika", "aiormq")
-#: Top-level keys a ``--config-yaml`` file may have.
-CONFIG_FILE_KEYS = frozenset({"execution"})
-
-
-class UserError(click.ClickException):
-    """A user error: printed as one line on stderr, exit code 1."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(one_line(message))
-
-
-def one_line(text: str) -> str:
-    """``text`` with every run of whitespace (newlines included) turned into one space."""
-    return " ".join(str(text).split())
-
-
-# -- configuration -------------------------------------------------------------------------------
-def read_config_file(path: str) -> dict[str, Any]:
-    """The ``execution.config`` mapping of a ``--config-yaml`` file (``{}`` for an empty file)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-    except OSError as exc:
-        raise UserError(f"Cannot read config file {path}: {exc.strerror or exc}.") from None
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise UserError(f"Config file {path} is not valid YAML{at}: {problem}.") from None
-    if loaded is None:
-        return {}
-    shape = "Use the executor config's shape: 'execution: {config: {broker: ..., ...}}'."
-    if not isinstance(loaded, dict):
-        raise UserError(
-            f"Config file {path} must be a mapping, got {type(loaded).__name__}. {shape}"
-        )
-    unknown = sorted(str(k) for k in loaded if k not in CONFIG_FILE_KEYS)
-    if unknown:
-        raise UserError(f"Config file {path} has unknown top-level key(s) {unknown}. {shape}")
-    execution = loaded.get("execution")
-    if execution is None:
-        return {}
-    if not isinstance(execution, dict) or set(execution) - {"config"}:
-        raise UserError(f"In config file {path}, 'execution' must hold only 'config'. {shape}")
-    config = execution.get("config")
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise UserError(f"In config file {path}, 'execution.config' must be a mapping. {shape}")
-    return dict(config)
-
-
-def load_settings(
-    config_yaml: str | None, broker: str | None, backend: str | None
-) -> TaskiqSettings:
-    """Settings from a ``--config-yaml`` file (executor config shape) plus URL overrides."""
-    from dagster_taskiq.compat import Field, process_config
-    from dagster_taskiq.executor import executor_config_schema
-
-    raw = read_config_file(config_yaml) if config_yaml else {}
-    if broker:
-        raw["broker"] = broker
-    if backend:
-        raw["backend"] = backend
-    result = process_config(Field(executor_config_schema()).config_type, raw)
-    if not result.success:
-        errors = "; ".join(error.message for error in result.errors or [])
-        raise UserError(f"Invalid config in {config_yaml or 'the options'}: {errors}")
-    return resolve_settings(result.value or {})
-
-
-def connection_options(func: F) -> F:
-    """``-y/--config-yaml``, ``--broker`` and ``--backend`` for every command."""
-    func = click.option(
-        "--backend", default=None, help="Redis URL for results and the key store (overrides -y)."
-    )(func)
-    func = click.option("--broker", default=None, help="Broker URL (overrides -y).")(func)
-    func = click.option(
-        "-y",
-        "--config-yaml",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="YAML file shaped like the executor config: execution: {config: {...}}.",
-    )(func)
-    return func
-
-
-def user_errors(func: F) -> F:
-    """Turn our errors, and connection failures, into one line on stderr and exit code 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except DagsterTaskiqError as exc:
-            raise UserError(str(exc)) from None
-        except (TimeoutError, ConnectionError) as exc:
-            raise UserError(f"Lost the connection to the broker or backend: {exc}") from None
-        except Exception as exc:
-            if _is_connection_error(exc):
-                raise UserError(
-                    f"Lost the connection to the broker or backend ({type(exc).__name__}: {exc})."
-                ) from None
-            raise
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
-
-
-def with_connection(
-    settings: TaskiqSettings,
-    factory: Callable[[Any], Awaitable[T]],
-    *,
-    connect_only: bool = False,
-    operation_timeout: float = OPERATION_DEADLINE,
-) -> T:
-    """Connect (within :data:`CONNECT_DEADLINE`), run ``factory(connection)`` (within
-    ``operation_timeout``), then close. Each one-shot command runs one event loop, once.
-    """
-    from dagster_taskiq.connection import TaskiqConnection
-    from dagster_taskiq.errors import BrokerUnavailableError
-
-    deadline = min(settings.connect_timeout, CONNECT_DEADLINE)
-
-    async def _main() -> T:
-        conn = TaskiqConnection(settings)
-        try:
-            try:
-                await asyncio.wait_for(conn.start(), deadline)
-            except asyncio.TimeoutError:
-                raise BrokerUnavailableError(
-                    f"Could not reach the broker ({redact_url(settings.broker_url)}) or the "
-                    f"backend ({redact_url(settings.backend_url)}) within {deadline:g} s. Start "
-                    "them, or fix --broker/--backend or the -y config file."
-                ) from None
-            return await asyncio.wait_for(factory(conn), operation_timeout)
-        finally:
-            try:
-                await asyncio.wait_for(conn.close(), 2.0)
-            except Exception:  # noqa: S110 - closing a connection that never opened
-                pass
-
-    quiet = [logging.getLogger(name) for name in NOISY_LOGGERS]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:  # a failed connect is reported in our one line, not in their retries
-        logger.setLevel(logging.CRITICAL)
-    try:
-        return run_bounded(_main())
-    finally:
-        for logger, level in zip(quiet, levels, strict=True):
-            logger.setLevel(level)
-
-
-def run_bounded(coro: Awaitable[T], cleanup_timeout: float = 0.5) -> T:
-    """Run ``coro`` on a fresh event loop, then give leftover tasks ``cleanup_timeout`` seconds.
-
-    ``asyncio.run`` would wait for every leftover task, and aio-pika keeps reconnecting in the
-    background after a cancelled connection attempt, so a one-shot command could never exit.
-    """
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        leftovers = asyncio.all_tasks(loop)
-        for task in leftovers:
-            task.cancel()
-        if leftovers:
-            loop.run_until_complete(asyncio.wait(leftovers, timeout=cleanup_timeout))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-
-
-# -- commands ------------------------------------------------------------------------------------
 @click.group()
 @click.version_option(__version__, prog_name="dagster-taskiq")
 def main() -> None:
@@ -442,19 +259,6 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else "(empty log)"
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(
-        timespec="seconds"
-    )
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
 
 
 WORKER_HEADERS = ("NAME", "HOST", "PID", "QUEUES", "CONCURRENCY", "RUNNING", "LAST HEARTBEAT")
@@ -485,7 +289,7 @@ def _worker_document(info: Any) -> dict[str, Any]:
         "concurrency": info.concurrency,
         "running": len(info.running),
         "running_tasks": list(info.running),
-        "last_heartbeat": _iso(info.last_heartbeat),
+        "last_heartbeat": format_time(info.last_heartbeat),
     }
 
 
@@ -509,7 +313,7 @@ def worker_list(
     if not workers:
         click.echo("No live workers.")
         return
-    click.echo(_table(WORKER_HEADERS, _worker_rows(workers)))
+    click.echo(format_table(WORKER_HEADERS, _worker_rows(workers)))
 
 
 @worker.command("terminate")
@@ -695,17 +499,17 @@ def render_status(document: dict[str, Any]) -> str:
     ]
     parts = [
         "QUEUES",
-        _table(("NAME", "WAITING", "BY PRIORITY", "IN BROKER"), queue_rows)
+        format_table(("NAME", "WAITING", "BY PRIORITY", "IN BROKER"), queue_rows)
         if queue_rows
         else "  (none)",
         "",
         "WORKERS",
-        _table(WORKER_HEADERS, _worker_rows(document["workers"]))
+        format_table(WORKER_HEADERS, _worker_rows(document["workers"]))
         if document["workers"]
         else "  (none)",
         "",
         "IN FLIGHT",
-        _table(
+        format_table(
             ("RUN", "KIND", "STEP", "QUEUE", "PRIORITY", "WORKER", "STATE", "ELAPSED", "TASK"),
             task_rows,
         )

@@ -369,7 +369,7 @@ def debug_info(
         lines.append("Worker: none has claimed it yet.")
     lines.append(
         f"Last heartbeat: {_ago(record.last_heartbeat)}"
-        + (f" ({_iso(record.last_heartbeat)})" if record.last_heartbeat else "")
+        + (f" ({format_time(record.last_heartbeat)})" if record.last_heartbeat else "")
         + f"; heartbeat_timeout {record.heartbeat_timeout:g} s."
     )
     if outcome is not None:
@@ -387,7 +387,7 @@ def _ago(timestamp: float | None) -> str:
     return f"{max(0.0, time.time() - timestamp):.0f} s ago"
 
 
-def _iso(timestamp: float) -> str:
+def format_time(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(
         timespec="seconds"
     )

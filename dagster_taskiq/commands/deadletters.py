@@ -7,11 +7,11 @@ from typing import Any
 import click
 from taskiq import BrokerMessage
 
-from dagster_taskiq.cli import (
+from dagster_taskiq.commands.common import (
     UserError,
-    _iso,
-    _table,
     connection_options,
+    format_table,
+    format_time,
     load_settings,
     one_line,
     user_errors,
@@ -29,7 +29,7 @@ def dead_letters() -> None:
 
 
 def _summary(letter: DeadLetter) -> dict[str, Any]:
-    return {**letter.summary(), "at": _iso(letter.at)}
+    return {**letter.summary(), "at": format_time(letter.at)}
 
 
 def _check_selection(ids: Sequence[str], all_: bool) -> None:
@@ -86,14 +86,14 @@ def list_dead_letters(
         (
             letter.id,
             letter.queue or "-",
-            _iso(letter.at),
+            format_time(letter.at),
             letter.task_id or "-",
             _cut(one_line(letter.reason), REASON_CHARS),
             letter.preview(),
         )
         for letter in letters
     ]
-    click.echo(_table(("ID", "QUEUE", "AT", "TASK", "REASON", "BODY"), rows))
+    click.echo(format_table(("ID", "QUEUE", "AT", "TASK", "REASON", "BODY"), rows))
 
 
 def _cut(text: str, limit: int) -> str:
@@ -116,7 +116,7 @@ def show_dead_letter(
         raise UserError(
             f"No dead letter with id {letter_id}; see 'dagster-taskiq dead-letters list'."
         )
-    document = {**letter.document(), "at": _iso(letter.at)}
+    document = {**letter.document(), "at": format_time(letter.at)}
     if as_json:
         click.echo(json.dumps(document))
         return

@@ -4,7 +4,12 @@ from typing import Any
 
 import click
 
-from dagster_taskiq.cli import connection_options, load_settings, user_errors, with_connection
+from dagster_taskiq.commands.common import (
+    connection_options,
+    load_settings,
+    user_errors,
+    with_connection,
+)
 from dagster_taskiq.lifecycle.states import TaskState
 
 

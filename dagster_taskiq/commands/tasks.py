@@ -5,10 +5,10 @@ from typing import Any
 
 import click
 
-from dagster_taskiq.cli import (
+from dagster_taskiq.commands.common import (
     UserError,
-    _iso,
     connection_options,
+    format_time,
     load_settings,
     user_errors,
     with_connection,
@@ -26,7 +26,7 @@ def task() -> None:
 
 
 def _when(timestamp: float | None) -> str | None:
-    return _iso(timestamp) if timestamp else None
+    return format_time(timestamp) if timestamp else None
 
 
 def task_document(record: TaskRecord) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 from dagster_taskiq.lifecycle.health import Action, Health, assess
 from dagster_taskiq.lifecycle.lease import LeasePolicy
 from dagster_taskiq.lifecycle.records import TaskRecord
-from dagster_taskiq.lifecycle.recovery import sweep
+from dagster_taskiq.lifecycle.recovery import recover, sweep
 from dagster_taskiq.lifecycle.states import FINAL_STATES, Outcome, TaskKind, TaskState
 from dagster_taskiq.lifecycle.store import TaskStore, Transition, Verdict
 from dagster_taskiq.payloads import TaskOutcome, encode
@@ -851,5 +851,35 @@ def test_finishing_a_step_keeps_the_run_index_while_a_sibling_waits(redis_url: s
         index_ttl = await store.redis.ttl(store.keys.run_index("run-i"))
         assert await store.step_task_id("run-i", "waiting") == waiting
         assert index_ttl >= record_ttl, (index_ttl, record_ttl)
+
+    _run(redis_url, body)
+
+
+@pytest.mark.parametrize("moved_on", ["finished", "renewed"])
+def test_a_record_read_mid_transition_is_not_declared_lost(redis_url: str, moved_on: str) -> None:
+    """A record read between its worker's finish (or renewal) steps can show ``running``
+    without a lease. Only the mark-lost script decides: it refuses, and the task is judged from
+    a fresh read, so a step that just succeeded (or still runs) never fails as lost."""
+
+    async def body(store: TaskStore) -> None:
+        task_id, _ = await register_task(store)
+        case = Case(store, task_id)
+        await _running(case)
+        read = await store.get(task_id)
+        assert read is not None and read.lease_alive
+        looks_lost = dataclasses.replace(read, lease_alive=False)
+        assert assess(looks_lost).action is Action.MARK_LOST
+        if moved_on == "finished":
+            assert (await _finish(case, await _current_fence(case), Outcome.SUCCESS)).ok
+        else:
+            result = await store.renew({task_id: (await _current_fence(case), HB)})
+            assert result[task_id].ok
+
+        verdict = await recover(store, FakeSender(), looks_lost)
+
+        expected = Health.SUCCEEDED if moved_on == "finished" else Health.RUNNING
+        assert verdict.health is expected and verdict.healthy
+        record = await store.get(task_id)
+        assert record is not None and record.state is not TaskState.LOST
 
     _run(redis_url, body)

@@ -78,8 +78,14 @@ async def recover(
     record: TaskRecord,
     now: float | None = None,
     report: SweepReport | None = None,
+    recheck: bool = True,
 ) -> Assessment:
-    """Assess ``record`` and carry out its action (send, release, look for it, mark it lost)."""
+    """Assess ``record`` and carry out its action (send, release, look for it, mark it lost).
+
+    A verdict of "lost" stands only if the mark-lost transition took effect: a record read while
+    its worker finished it (or renewed its lease) can look lost without being so. Then the task
+    is read and judged again once (``recheck``).
+    """
     now = time.time() if now is None else now
     report = report if report is not None else SweepReport()
     verdict = assess(record, now)
@@ -124,6 +130,20 @@ async def recover(
         if await store.mark_lost(record.task_id, now=now):
             report.lost += 1
             logger.warning("%s", verdict.message)
+        elif recheck:
+            # The script refused: between the read and it, the lease was renewed or the task
+            # moved on (its worker finished it, it was revoked or already marked). A task is
+            # lost only when the script says so; judge it again from a fresh read.
+            fresh = await store.get(record.task_id)
+            if fresh is not None:
+                return await recover(store, sender, fresh, report=report, recheck=False)
+        else:
+            return Assessment(
+                Health.RUNNING,
+                Action.NONE,
+                f"The lease of {record.task_id} ({record.what}) changed while it was checked; "
+                "it is checked again on the next round.",
+            )
     return verdict
 
 

@@ -43,6 +43,10 @@ KNOWN_SOURCE_OPTIONS = {
     "reconnect_timeout": "seconds a submit keeps retrying while the broker or backend is "
     "unreachable, before the step or run fails (default 60)",
     "confirm_timeout": "RabbitMQ: seconds a publish waits for the broker's confirm (default 10)",
+    "queue_type": "RabbitMQ: 'classic' (default) or 'quorum' (replicated, with priority lanes)",
+    "priority_lanes": "RabbitMQ quorum queues: priority lanes per queue (default 3)",
+    "delivery_limit": "RabbitMQ quorum queues: deliveries before a message is dead-lettered "
+    "(default 5)",
 }
 
 #: ``config_source`` keys handed to redis-py's connection (broker, backend and key store).

@@ -6,6 +6,7 @@ The node runs with ``consumer_timeout`` = 2 s, checked every 0.5 s, so any deliv
 unacknowledged for longer would have its channel closed and be delivered again.
 """
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -123,17 +124,22 @@ def test_step_longer_than_consumer_timeout_runs_once(
         workers.stop_all()
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 def test_rabbitmq_restart_mid_run(
     instance: DagsterInstance,
     rabbit: PrivateRabbitMQ,
     rabbit_settings: TaskiqSettings,
     dagster_home: Path,
     release: Path,
+    queue_type: str,
 ) -> None:
     """While one step runs and another waits in its queue, the node restarts: the waiting
     message survives (durable queue, persistent message), the running step finishes during the
-    outage, the orchestrator retries submitting the next step, and the worker reconsumes."""
-    settings = rabbit_settings
+    outage, the orchestrator retries submitting the next step, and the worker reconsumes. On
+    classic queues and on quorum queues (priority lanes): nothing is lost or run twice."""
+    settings = dataclasses.replace(
+        rabbit_settings, config_source={**rabbit_settings.config_source, "queue_type": queue_type}
+    )
     workers = WorkerPool(settings, dagster_home)
     try:
         worker = workers.start(concurrency=1)

@@ -11,3 +11,6 @@ class Delivery(AckableMessage):
     """
 
     queue: str | None = None
+    #: Set when RabbitMQ dead-lettered this message (a quorum queue's delivery limit): why. The
+    #: worker records it as a dead letter from ``queue`` and never runs it.
+    dead_letter_reason: str | None = None

@@ -50,6 +50,22 @@ def make_broker(
             consumer=consumer,
         )
     else:
+        from dagster_taskiq.brokers.lanes import (
+            CLASSIC,
+            DEFAULT_DELIVERY_LIMIT,
+            DEFAULT_LANES,
+            QueueLayout,
+        )
+
+        exchange = str(settings.option("exchange", "dagster_taskiq"))
+        max_priority = int(settings.option("max_priority", 10))
+        layout = QueueLayout(
+            exchange=exchange,
+            max_priority=max_priority,
+            queue_type=str(settings.option("queue_type", CLASSIC)),
+            lanes=int(settings.option("priority_lanes", DEFAULT_LANES)),
+            delivery_limit=int(settings.option("delivery_limit", DEFAULT_DELIVERY_LIMIT)),
+        )
         try:
             from dagster_taskiq.brokers.rabbitmq import (
                 DEFAULT_CONFIRM_TIMEOUT,
@@ -70,11 +86,12 @@ def make_broker(
             settings.broker_url,
             default_queue=settings.default_queue,
             listen_queues=list(listen_queues),
-            exchange=str(settings.option("exchange", "dagster_taskiq")),
-            max_priority=int(settings.option("max_priority", 10)),
+            exchange=exchange,
+            max_priority=max_priority,
             qos=int(settings.option("qos", 1)),
             queue_arguments=dict(settings.option("queue_arguments", {}) or {}),
             confirm_timeout=float(settings.option("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT)),
+            layout=layout,
             **passthrough,
         )
     broker.result_backend = make_result_backend(settings, backend_redis)

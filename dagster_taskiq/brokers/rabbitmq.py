@@ -1,10 +1,15 @@
 """A taskiq-aio-pika broker that routes every message by its queue label.
 
 taskiq-aio-pika ignores the routing label unless the broker was built with two or more queues, and
-its default quorum queues reject priorities. This subclass declares each destination queue (a
-durable classic queue with ``x-max-priority``) before it publishes to it, so a message for a queue
-that no worker serves yet waits there instead of being dropped, and publishes with the message
-priority clamped to the queue's range.
+its default quorum queues reject priorities. This subclass declares each destination queue before
+it publishes to it, so a message for a queue that no worker serves yet waits there instead of being
+dropped, and publishes with the message priority clamped to the queue's range.
+
+With ``queue_type="classic"`` (the default) each queue is one durable classic queue with
+``x-max-priority``. With ``queue_type="quorum"`` each queue is a set of replicated quorum queues,
+one per priority lane (see :mod:`dagster_taskiq.brokers.lanes`), with a ``x-delivery-limit`` whose
+overflow RabbitMQ dead-letters to the exchange's dead-letter queue; workers drain that queue into
+the key store's dead letters.
 
 Every publish is persistent, ``mandatory`` and confirmed (see :meth:`RoutedAioPikaBroker.kick`):
 ``kick`` returns only once RabbitMQ has taken the message, and a message it could not route or
@@ -24,7 +29,7 @@ from typing import Any, TypeVar
 from aio_pika import DeliveryMode, ExchangeType, Message, connect_robust
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.abc import DeliveredMessage
-from aiormq.exceptions import DeliveryError, PublishError
+from aiormq.exceptions import ChannelPreconditionFailed, DeliveryError, PublishError
 from pamqp.commands import Basic
 from taskiq import AckableMessage, BrokerMessage
 from taskiq_aio_pika import AioPikaBroker
@@ -33,6 +38,12 @@ from taskiq_aio_pika.exchange import Exchange
 from taskiq_aio_pika.queue import Queue, QueueType
 
 from dagster_taskiq.brokers.delivery import Delivery
+from dagster_taskiq.brokers.lanes import (
+    QUORUM,
+    QueueLayout,
+    dead_letter_reason,
+    origin_queue,
+)
 from dagster_taskiq.errors import InvalidTagError, TaskiqConfigError, TaskSubmissionError
 
 logger = logging.getLogger("dagster_taskiq")
@@ -71,6 +82,7 @@ class RoutedAioPikaBroker(AioPikaBroker):
     :param queue_arguments: extra ``x-`` arguments for every declared queue (e.g. ``x-expires``).
     :param confirm_timeout: seconds :meth:`kick` waits for RabbitMQ to confirm a publish (and for
         each queue declaration it makes first) before it raises :class:`TimeoutError`.
+    :param layout: classic or quorum queues, lanes and delivery limit (default: classic).
     """
 
     def __init__(
@@ -84,12 +96,14 @@ class RoutedAioPikaBroker(AioPikaBroker):
         qos: int = 1,
         queue_arguments: dict[str, Any] | None = None,
         confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+        layout: QueueLayout | None = None,
         **connection_kwargs: Any,
     ) -> None:
         for name in [default_queue, *(listen_queues or [])]:
             check_amqp_queue_name(name, "this RabbitMQ broker", TaskiqConfigError)
         self.default_queue = default_queue
         self.max_priority = max_priority
+        self.layout = layout or QueueLayout(exchange=exchange, max_priority=max_priority)
         self.queue_arguments = dict(queue_arguments or {})
         self.confirm_timeout = float(confirm_timeout)
         if self.confirm_timeout <= 0:
@@ -119,25 +133,66 @@ class RoutedAioPikaBroker(AioPikaBroker):
     async def _declare_queues(
         self, channel: AbstractChannel
     ) -> list[tuple[AbstractQueue, dict[str, Any]]]:
-        declared = []
+        """Declare this worker's queues; returns them in the order a pull tries them: every
+        queue's highest lane first, then the next lanes, and the dead-letter queue last."""
+        by_lane: list[list[tuple[AbstractQueue, dict[str, Any]]]] = [
+            [] for _ in range(self.layout.lane_count)
+        ]
         for spec in self._task_queues:
-            queue = await self._declare_one(channel, spec.name)
-            declared.append((queue, dict(spec.consumer_arguments)))
+            lanes = await self._declare_one(channel, spec.name)
+            for lane, queue in enumerate(lanes):
+                by_lane[lane].append((queue, dict(spec.consumer_arguments)))
+        declared = [entry for lane in reversed(by_lane) for entry in lane]
+        if self._task_queues and self.layout.queue_type == QUORUM:
+            declared.append((await self._declare_poison_queue(channel), {}))
         return declared
 
-    async def _declare_one(self, channel: AbstractChannel, name: str) -> AbstractQueue:
-        queue = await channel.declare_queue(
-            name=name,
-            durable=True,
-            arguments={
-                **self.queue_arguments,
-                "x-max-priority": self.max_priority,
-                "x-queue-type": "classic",
-            },
-        )
-        await queue.bind(exchange=self._exchange.name, routing_key=name)
+    async def _declare_one(self, channel: AbstractChannel, name: str) -> list[AbstractQueue]:
+        """Declare and bind the RabbitMQ queue(s) behind ``name``: one per lane, lowest first.
+
+        For quorum queues the dead-letter exchange and queue are declared first: RabbitMQ drops
+        a message it dead-letters to an exchange that does not exist."""
+        if self.layout.queue_type == QUORUM:
+            await self._declare_poison_queue(channel)
+        queues = []
+        for physical in self.layout.physical_queues(name):
+            queue = await self._declare_checked(
+                channel, physical, self.layout.arguments(self.queue_arguments)
+            )
+            await queue.bind(exchange=self._exchange.name, routing_key=physical)
+            queues.append(queue)
         self._declared.add(name)
+        return queues
+
+    async def _declare_poison_queue(self, channel: AbstractChannel) -> AbstractQueue:
+        """Declare the exchange RabbitMQ dead-letters quorum queues' poison messages to, and the
+        queue behind it that workers drain into the key store's dead letters."""
+        layout = self.layout
+        exchange = await channel.declare_exchange(
+            layout.dead_letter_exchange, ExchangeType.FANOUT, durable=True
+        )
+        queue = await self._declare_checked(
+            channel, layout.dead_letter_queue, layout.dead_letter_queue_arguments()
+        )
+        await queue.bind(exchange=exchange)
         return queue
+
+    async def _declare_checked(
+        self, channel: AbstractChannel, name: str, arguments: dict[str, Any]
+    ) -> AbstractQueue:
+        """Declare ``name`` durable with ``arguments``; a queue that already exists with other
+        arguments raises :class:`TaskiqConfigError` saying what to do."""
+        try:
+            return await channel.declare_queue(name=name, durable=True, arguments=arguments)
+        except ChannelPreconditionFailed as exc:
+            other = "classic" if self.layout.queue_type == QUORUM else "quorum"
+            raise TaskiqConfigError(
+                f"RabbitMQ refused to declare queue '{name}' as a {self.layout.queue_type} queue "
+                f"with arguments {arguments}: it already exists with different arguments ({exc}). "
+                f"Delete it (`rabbitmqctl delete_queue '{name}'`, after draining it) or set "
+                f"config_source queue_type back to what it was declared with (probably "
+                f"'{other}')."
+            ) from exc
 
     async def startup(self) -> None:
         """Connect, open a confirming publish channel and declare the exchange and this worker's
@@ -191,6 +246,9 @@ class RoutedAioPikaBroker(AioPikaBroker):
         worker waits for its next task: the first delivery is taken, the consumers are cancelled,
         and anything delivered in the meantime goes straight back to its queue. Each message is a
         :class:`~dagster_taskiq.brokers.delivery.Delivery` naming the queue it came from.
+
+        With priority lanes, a pull first asks each lane for a waiting message, highest lane
+        first (``basic.get``), and only if all are empty waits on consumers on all of them.
         """
         if self.read_channel is None:
             raise NoStartupError("Call startup() before listen().")
@@ -199,7 +257,19 @@ class RoutedAioPikaBroker(AioPikaBroker):
         try:
             while True:
                 message, queue_name = await self._take_one(queues)
-                yield Delivery(data=message.body, ack=message.ack, queue=queue_name)
+                if queue_name == self.layout.dead_letter_queue:
+                    yield Delivery(
+                        data=message.body,
+                        ack=message.ack,
+                        queue=origin_queue(message.headers),
+                        dead_letter_reason=dead_letter_reason(
+                            message.headers, self.layout.delivery_limit
+                        ),
+                    )
+                else:
+                    yield Delivery(
+                        data=message.body, ack=message.ack, queue=self.layout.logical(queue_name)
+                    )
         finally:
             await self._finish_cancelling()
 
@@ -220,6 +290,11 @@ class RoutedAioPikaBroker(AioPikaBroker):
 
             return on_message
 
+        if self.layout.lane_count > 1:
+            for queue, _ in queues:
+                waiting = await queue.get(no_ack=False, fail=False)
+                if waiting is not None:
+                    return waiting, queue.name
         consumers: list[tuple[AbstractQueue, str]] = []
         leftover: AbstractIncomingMessage | None = None
         try:
@@ -284,13 +359,14 @@ class RoutedAioPikaBroker(AioPikaBroker):
             check_amqp_queue_name(queue, f"task {message.task_id}")
             await self._declare_for(channel, queue, message.task_id)
         priority = int(message.labels.get("priority") or 0)
+        target = self.layout.queue_for(queue, priority)
         rmq_message = Message(
             body=message.message,
             headers={"task_id": message.task_id, "task_name": message.task_name},
             delivery_mode=DeliveryMode.PERSISTENT,
             priority=max(0, min(self.max_priority, priority)),
         )
-        if await self._publish(channel, rmq_message, queue, message.task_id):
+        if await self._publish(channel, rmq_message, target, message.task_id):
             return
         logger.warning(
             "RabbitMQ returned task %s as unroutable: queue '%s' or its binding to exchange '%s' "
@@ -301,7 +377,7 @@ class RoutedAioPikaBroker(AioPikaBroker):
         )
         self._declared.discard(queue)
         await self._declare_for(channel, queue, message.task_id)
-        if await self._publish(channel, rmq_message, queue, message.task_id):
+        if await self._publish(channel, rmq_message, target, message.task_id):
             return
         self._declared.discard(queue)
         raise TaskSubmissionError(
@@ -361,10 +437,18 @@ class RoutedAioPikaBroker(AioPikaBroker):
             raise TimeoutError(f"{what} within {self.confirm_timeout:g} s.") from None
 
     async def purge(self, queue: str) -> int:
-        """Remove every message waiting in ``queue`` (not those delivered and unacknowledged);
-        returns how many (0 if the queue was never declared)."""
+        """Remove every message waiting in ``queue`` (in all its lanes; not those delivered and
+        unacknowledged); returns how many (0 if the queue was never declared)."""
         if self.write_conn is None:
             raise TaskSubmissionError("The RabbitMQ broker is not started; call startup() first.")
+        total = 0
+        for physical in self.layout.physical_queues(queue):
+            total += await self._purge_one(physical)
+        return total
+
+    async def _purge_one(self, queue: str) -> int:
+        if self.write_conn is None:
+            return 0
         channel = await self.write_conn.channel()
         try:
             try:
@@ -378,7 +462,13 @@ class RoutedAioPikaBroker(AioPikaBroker):
                 await channel.close()
 
     async def waiting(self, queue: str) -> int:
-        """Messages waiting in ``queue`` (0 if it was never declared)."""
+        """Messages waiting in ``queue``, all lanes together (0 if it was never declared)."""
+        total = 0
+        for physical in self.layout.physical_queues(queue):
+            total += await self._waiting_one(physical)
+        return total
+
+    async def _waiting_one(self, queue: str) -> int:
         if self.write_conn is None:
             return 0
         channel = await self.write_conn.channel()

@@ -72,6 +72,10 @@ class Intake:
         data = message.data if isinstance(message, AckableMessage) else message
         queue = message.queue if isinstance(message, Delivery) else None
         ack = message.ack if isinstance(message, AckableMessage) else None
+        if isinstance(message, Delivery) and message.dead_letter_reason is not None:
+            await self._refuse(message.dead_letter_reason, data, queue, _task_id_of(self, data))
+            await _acknowledge(ack)
+            return False
         try:
             taskiq_message = self.conn.broker.formatter.loads(data)
         except Exception as exc:
@@ -236,3 +240,11 @@ async def _acknowledge(ack: Callable[[], Any] | None) -> None:
             type(exc).__name__,
             exc,
         )
+
+
+def _task_id_of(intake: Intake, data: bytes) -> str | None:
+    """The task id of a taskiq message body, or None if it does not decode."""
+    try:
+        return str(intake.conn.broker.formatter.loads(data).task_id)
+    except Exception:
+        return None

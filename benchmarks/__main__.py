@@ -26,11 +26,15 @@ def _csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def _ints(value: str) -> list[int]:
+    return [int(part) for part in _csv(value)]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start brokers and workers, run scenarios, write JSON lines")
-    run.add_argument("mode", nargs="?", choices=sorted(MODES), default="quick")
+    run.add_argument("mode", nargs="?", choices=sorted([*MODES, "scale"]), default="quick")
     run.add_argument(
         "--scenarios", type=_csv, default=None, help=f"comma-separated: {', '.join(SCENARIOS)}"
     )
@@ -59,7 +63,21 @@ def _parser() -> argparse.ArgumentParser:
         "<executor>_metrics), to measure the metrics' cost on and off in one run",
     )
     run.add_argument("--workers", type=int, default=2, help="workers per executor (default 2)")
-    run.add_argument("--concurrency", type=int, default=1, help="slots per worker (default 1)")
+    run.add_argument(
+        "--concurrency", type=int, default=None, help="slots per worker (default 1; scale: 2)"
+    )
+    run.add_argument(
+        "--scale-workers",
+        type=_ints,
+        default=[2, 4, 8],
+        help="scale mode: comma-separated worker counts, each measured on its own (default 2,4,8)",
+    )
+    run.add_argument(
+        "--scale-runs", type=int, default=100, help="scale mode: runs launched at once (100)"
+    )
+    run.add_argument(
+        "--scale-steps", type=int, default=20, help="scale mode: ops in each run's chain (20)"
+    )
     run.add_argument(
         "--poll-interval", type=float, default=None, help="taskiq_executor poll_interval override"
     )
@@ -107,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         stored = [json.loads(line) for line in args.path.read_text().splitlines() if line]
         # Summaries, targets and the scaling verdict are computed again from the raw records, so
         # an old file is judged by the current criteria.
+        if any(r.get("type") == "scale" for r in stored):
+            from benchmarks.scalestats import format_scale
+
+            print(format_scale(stored, markdown=args.markdown))
+            return 0
         raw = [r for r in stored if r.get("type") not in DERIVED_TYPES]
         raw += summarize(raw)
         print(format_text(raw))
@@ -114,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(format_markdown(raw))
         return 0
+    if args.mode == "scale":
+        return _run_scale(args)
+    if args.concurrency is None:
+        args.concurrency = 1
     mode = MODES[args.mode]
     scenario_names = args.scenarios or list(mode.scenarios)
     unknown = [s for s in scenario_names if s not in SCENARIOS]
@@ -175,6 +202,43 @@ def main(argv: list[str] | None = None) -> int:
         r for r in records if r.get("type") in ("run", "cold_start") and not r.get("success")
     ]
     return 1 if failed else 0
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    from benchmarks.scale import ScaleBench, ScaleSpec
+    from benchmarks.scalestats import format_scale
+
+    storages = args.storage or ["postgres"]
+    if len(storages) != 1 or storages[0] not in ("sqlite", "postgres"):
+        _parser().error("scale mode takes one --storage: postgres (default) or sqlite")
+    if not args.scale_workers or min(args.scale_workers) < 1:
+        _parser().error("--scale-workers needs positive worker counts, e.g. 2,4,8")
+    if args.scale_runs < 1 or args.scale_steps < 1:
+        _parser().error("--scale-runs and --scale-steps must be at least 1")
+    spec = ScaleSpec(
+        worker_counts=tuple(sorted(set(args.scale_workers))),
+        slots=args.concurrency or 2,
+        runs=args.scale_runs,
+        steps=args.scale_steps,
+        storage=storages[0],
+        postgres_url=args.postgres_url,
+        warmup=not args.no_warmup,
+        keep=args.keep,
+    )
+    out_path = args.out
+    if out_path is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_path = RESULTS_DIR / f"{stamp}-scale.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as out:
+        records = ScaleBench(spec, out, log=_log).run()
+    print(format_scale(records))
+    if args.markdown:
+        print()
+        print(format_scale(records, markdown=True))
+    _log(f"\nJSON lines: {out_path}")
+    scale = [r for r in records if r.get("type") == "scale"]
+    return 0 if all(r.get("success") for r in scale) else 1
 
 
 if __name__ == "__main__":

@@ -96,8 +96,46 @@ def execute_one(
     return result_record
 
 
-def launch_many(shape: str, family: str, count: int, timeout: float) -> dict[str, Any]:
-    """Create ``count`` runs, launch them all through the instance's run launcher, wait."""
+def run_observations(instance: Any, run_ids: list[str]) -> dict[str, Any]:
+    """What the scale benchmark reads back from the finished runs' event logs.
+
+    ``queue_waits_s``: the ``queue_wait_seconds`` metadata of every step-started event (the
+    worker's event when it starts a step); ``run_pids``: the pid of each run's process on its
+    worker (from the worker's "Started run" engine event); ``last_end``: the latest run end time
+    (epoch seconds) of the runs' records.
+    """
+    from dagster._core.storage.dagster_run import RunsFilter
+
+    waits: list[float] = []
+    pids: list[int] = []
+    for run_id in run_ids:
+        for entry in instance.all_logs(run_id):
+            event = entry.dagster_event
+            data = getattr(event, "event_specific_data", None) if event is not None else None
+            metadata = getattr(data, "metadata", None) or {}
+            if "queue_wait_seconds" in metadata:
+                waits.append(float(metadata["queue_wait_seconds"].value))
+            elif "pid" in metadata and "Started run on taskiq worker" in (entry.message or ""):
+                pids.append(int(str(metadata["pid"].value)))
+    records = instance.get_run_records(filters=RunsFilter(run_ids=run_ids))
+    ends = [r.end_time for r in records if r.end_time is not None]
+    return {"queue_waits_s": waits, "run_pids": pids, "last_end": max(ends) if ends else None}
+
+
+def launch_many(
+    shape: str,
+    family: str,
+    count: int,
+    timeout: float,
+    run_config: dict[str, Any] | None = None,
+    observe: bool = False,
+) -> dict[str, Any]:
+    """Create ``count`` runs, launch them all through the instance's run launcher, wait.
+
+    ``run_config`` goes into every run (the taskiq executor's config when the runs' steps go to
+    the workers too). With ``observe``, the result also holds :func:`run_observations` and
+    ``start_epoch``, the wall-clock time of the first launch.
+    """
     from dagster import DagsterInstance, DagsterRunStatus
     from dagster._core.storage.dagster_run import RunsFilter
 
@@ -107,10 +145,14 @@ def launch_many(shape: str, family: str, count: int, timeout: float) -> dict[str
     recon_job = recon(shape, family)
     origin = recon_job.get_python_origin()
     with DagsterInstance.get() as instance:
-        runs = [instance.create_run_for_job(job, job_code_origin=origin) for _ in range(count)]
+        runs = [
+            instance.create_run_for_job(job, run_config=run_config, job_code_origin=origin)
+            for _ in range(count)
+        ]
         run_ids = [run.run_id for run in runs]
         rss_before = _rss_mib()
         cpu0 = _cpu_s()
+        start_epoch = time.time()
         start = time.perf_counter()
         for run_id in run_ids:
             instance.launch_run(run_id, workspace=None)  # type: ignore[arg-type]
@@ -127,10 +169,15 @@ def launch_many(shape: str, family: str, count: int, timeout: float) -> dict[str
             time.sleep(0.05)
         wall = time.perf_counter() - start
         cpu = _cpu_s() - cpu0
+        observed = run_observations(instance, run_ids) if observe else None
         launcher = instance.run_launcher
         launcher.dispose()
     succeeded = sum(1 for s in statuses.values() if s == DagsterRunStatus.SUCCESS.value)
+    extra: dict[str, Any] = {}
+    if observed is not None:
+        extra = {**observed, "start_epoch": start_epoch}
     return {
+        **extra,
         "wall_s": wall,
         "launch_s": launched,
         "success": succeeded == count,
@@ -151,7 +198,12 @@ def main(argv: list[str]) -> int:
 
     if request.get("launch"):
         result = launch_many(
-            request["shape"], request["family"], int(request["launch"]), request["timeout"]
+            request["shape"],
+            request["family"],
+            int(request["launch"]),
+            request["timeout"],
+            run_config=request.get("run_config"),
+            observe=bool(request.get("observe")),
         )
     else:
         result = execute_one(

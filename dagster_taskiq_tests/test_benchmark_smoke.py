@@ -124,3 +124,66 @@ def test_smoke_mode_reports_every_target_row(redis_url: str, tmp_path: Path) -> 
     )
     for row in rows:
         assert row["label"] in report.stdout
+
+
+#: Every figure a ``scale`` record must hold, measured.
+SCALE_FIGURES = (
+    "wall_s",
+    "throughput_steps_per_s",
+    "queue_wait_p50_s",
+    "queue_wait_p99_s",
+    "redis_commands",
+    "redis_commands_per_step",
+    "orchestrator_cpu_s",
+    "orchestrator_cpu_per_step_ms",
+    "worker_cpu_per_step_ms",
+    "launcher_cpu_s",
+)
+
+
+def test_scale_mode_at_tiny_size(tmp_path: Path) -> None:
+    """``run scale`` with 2 runs × 3 steps on 1 and 2 workers: every figure, and the check."""
+    from benchmarks.env import DEFAULT_POSTGRES_URL, redis_server_binary
+    from dagster_taskiq_tests.private_brokers import require_binary
+    from dagster_taskiq_tests.services import require
+
+    require(DEFAULT_POSTGRES_URL, "PostgreSQL")
+    require_binary(redis_server_binary() or "redis-server", "redis-server")
+    out = tmp_path / "scale.jsonl"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "run",
+        "scale",
+        "--scale-workers",
+        "1,2",
+        "--scale-runs",
+        "2",
+        "--scale-steps",
+        "3",
+        "--no-warmup",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    scale = sorted((r for r in records if r["type"] == "scale"), key=lambda r: r["workers"])
+    assert [r["workers"] for r in scale] == [1, 2]
+    for record in scale:
+        assert record["success"] is True and record["succeeded"] == 2, record
+        assert record["steps"] == 6 and record["slots"] == 2 and record["storage"] == "postgres"
+        missing = [key for key in SCALE_FIGURES if record.get(key) is None]
+        assert not missing, (missing, record)
+        assert record["throughput_steps_per_s"] > 0 and record["redis_commands_per_step"] > 0
+        assert record["queue_waits_n"] == 6  # one step-started event per step
+        assert 0 <= record["queue_wait_p50_s"] <= record["queue_wait_p99_s"]
+        assert record["run_processes"] == 2 and record["run_processes_sampled"] == 2
+        assert record["orchestrator_cpu_per_step_ms"] > 0
+    (check,) = [r for r in records if r["type"] == "scale_check"]
+    assert check["baseline_workers"] == 1 and set(check["ratios"]) == {"1", "2"}
+    assert check["flat"] in (True, False)
+    assert "Redis commands per step" in done.stdout

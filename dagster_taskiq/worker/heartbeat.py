@@ -77,9 +77,13 @@ class Heartbeat:
             )
         if beat.shutdown_requested:
             self.request_stop("terminate requested through the CLI")
-        leases = {**self.intake.claims, **self.guard.leases()}
+        held = self.guard.leases()
+        leases = {**self.intake.claims, **held}
         for task_id, transition in (await conn.keystore.renew(leases)).items():
-            self.guard.renewed(task_id, transition, sent_at)
+            # Only a renewal of a task held when it was sent says anything about its process:
+            # a claim renewed while its task was being started reads "claimed", not "lost".
+            if task_id in held:
+                self.guard.renewed(task_id, transition, sent_at)
         if isinstance(conn.broker, RedisPriorityBroker):
             await conn.broker.keep_alive()
 

@@ -1,0 +1,88 @@
+"""A heartbeat that renews a task as a claim while the worker starts it (no network needed).
+
+The heartbeat takes its snapshot of claims and leases, then awaits the renewals; meanwhile the
+intake's start transition succeeds and the task's process is held. The renewal's reply
+("claimed", as the task was when it was renewed) must not read as a lost lease: the process of a
+healthy step would be stopped and its run would fail.
+"""
+
+import asyncio
+import dataclasses
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from dagster_taskiq.lifecycle.lease import LeasePolicy
+from dagster_taskiq.lifecycle.records import TaskRecord
+from dagster_taskiq.lifecycle.states import TaskKind, TaskState
+from dagster_taskiq.lifecycle.store import Transition, Verdict
+from dagster_taskiq.worker.fence import LeaseClock
+from dagster_taskiq.worker.guard import Held, LeaseGuard
+from dagster_taskiq.worker.heartbeat import Heartbeat
+
+TASK_ID = "run1.step.abc"
+HB = 30.0
+
+
+def _record() -> TaskRecord:
+    return TaskRecord(
+        task_id=TASK_ID, kind=TaskKind.STEP, run_id="run1", step_key="step", queue="q",
+        priority=0, state=TaskState.RUNNING, worker="w", fence=2, submitted_at=1.0,
+        sent_at=1.0, claimed_at=1.0, started_at=1.0, finished_at=None, last_heartbeat=1.0,
+        heartbeat_timeout=HB, status=None, pid=1, deliveries=1, requeued_at=None,
+        lease_alive=True, holder_alive=None, outcome_json=None,
+    )  # fmt: skip
+
+
+class _Child:
+    pid = 12345
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def signal(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+@dataclasses.dataclass
+class _Store:
+    """Starts the task (moves it from claim to held) while the renewals are in flight."""
+
+    guard: LeaseGuard
+    intake: Any
+    held: Held
+    renewed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    async def beat_worker(self, *_: Any) -> Any:
+        return SimpleNamespace(registered=True, shutdown_requested=False)
+
+    async def renew(self, leases: dict[str, Any]) -> dict[str, Transition]:
+        self.renewed.append(dict(leases))
+        await asyncio.sleep(0)
+        if TASK_ID in self.intake.claims:  # the start lands while the renewal is in flight
+            self.intake.claims.pop(TASK_ID)
+            self.guard.hold(self.held)
+            return {TASK_ID: Transition(Verdict.OK, TaskState.CLAIMED)}
+        return {TASK_ID: Transition(Verdict.OK, TaskState.RUNNING)}
+
+
+def test_a_claim_renewed_during_the_start_does_not_stop_the_step() -> None:
+    guard = LeaseGuard()
+    child = _Child()
+    clock = LeaseClock()
+    now = time.monotonic()
+    held = Held(_record(), 2, LeasePolicy(HB), child, clock, now, now)  # type: ignore[arg-type]
+    intake = SimpleNamespace(claims={TASK_ID: (2, HB)})
+    store = _Store(guard, intake, held)
+    conn = SimpleNamespace(keystore=store, broker=object())
+    heartbeat = Heartbeat(
+        conn, SimpleNamespace(liveness_ttl=10), "i", lambda: None, guard, intake, lambda _: None
+    )  # type: ignore[arg-type]
+    try:
+        asyncio.run(heartbeat.beat_once())  # renews the claim; the task is held meanwhile
+        assert not held.lost and child.signals == []
+        asyncio.run(heartbeat.beat_once())  # renews the lease: still running
+        assert store.renewed[-1] == {TASK_ID: (2, HB)}
+        assert not held.lost and child.signals == []
+    finally:
+        guard.release(held)

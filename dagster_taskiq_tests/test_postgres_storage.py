@@ -114,3 +114,18 @@ def test_fanout_on_postgres_storage(postgres_home: Path, settings: TaskiqSetting
                 assert result.output_for_node("collect") == 20
     finally:
         pool.stop_all()
+
+
+def test_worker_opens_a_postgres_instance_before_the_first_task(postgres_home: Path) -> None:
+    """A task whose instance ref is the worker's own (built by another process from the same
+    ``dagster.yaml``) gets the instance the worker opened early."""
+    from dagster_taskiq.worker.warm import WarmCache
+
+    with DagsterInstance.get() as orchestrator:
+        ref = orchestrator.get_ref()
+    cache = WarmCache()
+    assert cache.preload_own_instance()
+    try:
+        assert cache.instance(ref) is cache.own_instance()
+    finally:
+        cache.own_instance().dispose()

@@ -1,5 +1,5 @@
-"""A worker opens its own Dagster instance ahead of the first task, but never creates storage
-(no network needed)."""
+"""A worker opens its own Dagster instance ahead of the first task only when that cannot race
+the creation of its storage (no network needed for the SQLite cases)."""
 
 from pathlib import Path
 
@@ -8,26 +8,18 @@ from dagster import DagsterInstance
 from dagster_taskiq.worker.warm import WarmCache, instance_storage_exists
 
 
-def test_a_fresh_sqlite_home_is_left_for_dagster_to_create(dagster_home: Path) -> None:
-    """Creating the default SQLite storage could race the webserver or an orchestrator doing the
-    same: the worker leaves a home without its run database alone."""
+def test_sqlite_storage_is_never_opened_early(dagster_home: Path) -> None:
+    """Opening SQLite storage while ``dagster dev`` creates it can meet a half-made schema: the
+    worker leaves SQLite homes alone, fresh or not."""
     cache = WarmCache()
     assert not cache.preload_own_instance()
     assert not (dagster_home / "history" / "runs.db").exists()
+    with DagsterInstance.get():  # the storage now exists
+        pass
+    assert not WarmCache().preload_own_instance()
 
 
-def test_an_existing_home_is_open_before_the_first_task(dagster_home: Path) -> None:
-    """Once the storage exists, the worker opens it early, and a task whose instance ref is the
-    worker's own (a ref built by another process from the same home) gets that instance."""
-    with DagsterInstance.get() as orchestrator:  # creates the storage, as the webserver would
-        ref = orchestrator.get_ref()
-    assert instance_storage_exists(dagster_home)
-    cache = WarmCache()
-    assert cache.preload_own_instance()
-    assert cache.instance(ref) is cache.own_instance()
-
-
-def test_a_configured_storage_counts_as_existing(tmp_path: Path) -> None:
+def test_server_storage_counts_and_sqlite_does_not(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text(
@@ -36,3 +28,6 @@ def test_a_configured_storage_counts_as_existing(tmp_path: Path) -> None:
     assert instance_storage_exists(home)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     assert not instance_storage_exists(home)
+    (home / "dagster.yaml").write_text("storage:\n  sqlite:\n    base_dir: /tmp/x\n")
+    assert not instance_storage_exists(home)
+

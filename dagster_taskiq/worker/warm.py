@@ -104,10 +104,9 @@ class WarmCache:
         """Open the worker's own instance (``DAGSTER_HOME``) ahead of the first task.
 
         It is filed under its own ref as well, so a task whose ref is the same (workers and
-        orchestrators sharing one ``dagster.yaml``) finds it open. Done only when the instance's
-        storage exists already: Dagster creates its default SQLite storage on first open, and
-        creating it here could race the webserver or an orchestrator creating it. Returns
-        whether the instance is now open.
+        orchestrators sharing one ``dagster.yaml``) finds it open. Done only for storage on a
+        database server (see :func:`instance_storage_exists`): SQLite storage opened here could
+        race the webserver or an orchestrator creating it. Returns whether it is now open.
         """
         home = os.environ.get("DAGSTER_HOME")
         if not home or not instance_storage_exists(Path(home)):
@@ -278,23 +277,28 @@ class WarmCache:
         return [*self._instances.values(), *own]
 
 
-#: ``dagster.yaml`` sections that configure storage; without any, it is SQLite under the home.
+#: ``dagster.yaml`` sections that configure storage.
 STORAGE_SECTIONS = ("storage", "run_storage", "event_log_storage", "schedule_storage")
+#: Words that name a database-server storage in those sections.
+SERVER_STORAGES = ("postgres", "mysql")
 
 
 def instance_storage_exists(home: Path) -> bool:
-    """Whether opening the instance at ``home`` would not create its storage: it names a
-    storage of its own (a database server, created safely by Dagster), or its default SQLite
-    run database is there already."""
+    """Whether the instance at ``home`` keeps its storage on a database server, which Dagster
+    creates safely when several processes open it at once. SQLite storage (the default) is not
+    opened early: a process that opens it while another creates it (``dagster dev`` starting
+    next to its workers) can meet a half-made schema."""
     found = find_instance_yaml(home)
-    if found is not None:
-        try:
-            config = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            return False
-        if isinstance(config, dict) and any(section in config for section in STORAGE_SECTIONS):
-            return True
-    return (home / "history" / "runs.db").exists()
+    if found is None:
+        return False
+    try:
+        config = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    sections = " ".join(str(config.get(name, "")) for name in STORAGE_SECTIONS).lower()
+    return any(word in sections for word in SERVER_STORAGES)
 
 
 def _opened(instance: DagsterInstance) -> DagsterInstance:

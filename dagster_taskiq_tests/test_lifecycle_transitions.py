@@ -29,6 +29,7 @@ from dagster_taskiq.payloads import TaskOutcome, encode
 from dagster_taskiq_tests.lifecycle_support import (
     HEARTBEAT_TIMEOUT,
     RESULT_TTL,
+    WORKER_TTL,
     Worker,
     beat,
     digest_of,
@@ -39,6 +40,7 @@ from dagster_taskiq_tests.lifecycle_support import (
     register_task,
     snapshot,
     text,
+    worker_info,
 )
 
 HB = HEARTBEAT_TIMEOUT
@@ -881,5 +883,51 @@ def test_a_record_read_mid_transition_is_not_declared_lost(redis_url: str, moved
         assert verdict.health is expected and verdict.healthy
         record = await store.get(task_id)
         assert record is not None and record.state is not TaskState.LOST
+
+    _run(redis_url, body)
+
+
+def test_revoking_a_running_task_tells_its_worker_on_its_next_beat(redis_url: str) -> None:
+    """The worker learns of a revocation from its heartbeat, not from the task's next renewal
+    (renewals come only every T/10): the revoked id comes back once, with the beat after it."""
+
+    async def body(store: TaskStore) -> None:
+        assert await beat(store, LIVE)
+        running = Case(store, (await register_task(store, run_id="run-r"))[0])
+        await _running(running)
+        queued, _ = await register_task(store, task_id=new_task_id("run-r", "queued"))
+        assert await store.revoke(queued) == "queued"  # never started: nobody to tell
+        assert await store.revoke(running.task_id) == "running"
+        info = worker_info(LIVE.name)
+        first = await store.beat_worker(info, LIVE.instance, WORKER_TTL)
+        assert first.revoked == (running.task_id,)
+        assert (await store.beat_worker(info, LIVE.instance, WORKER_TTL)).revoked == ()
+        # The renewal still reports it as revoking, whatever the beat said.
+        renewed = await store.renew({running.task_id: (2, HB)})
+        assert renewed[running.task_id].state is TaskState.REVOKING
+        # A clean shutdown leaves no revocation list behind.
+        assert await store.revoke(running.task_id) == "revoking"
+        await store.remove_worker(LIVE.name, LIVE.instance)
+        assert not await store.redis.exists(store.keys.revocations(LIVE.name))
+
+    _run(redis_url, body)
+
+
+def test_a_renewal_refreshes_the_record_ttl_only_once_half_of_it_is_gone(redis_url: str) -> None:
+    """Renewals are frequent; the record's (and run index's) TTL is renewed only when needed."""
+
+    async def body(store: TaskStore) -> None:
+        assert await beat(store, LIVE)
+        case = Case(store, (await register_task(store, run_id="run-t"))[0])
+        await _running(case)
+        record, index = store.keys.task(case.task_id), store.keys.run_index("run-t")
+        full = await store.redis.ttl(record)
+        assert (await store.renew({case.task_id: (2, HB)}))[case.task_id].ok
+        assert full - 2 <= await store.redis.ttl(record) <= full + int(HB) + 1
+        await store.redis.expire(record, 60)  # as if it had run for most of a day
+        await store.redis.expire(index, 30)
+        assert (await store.renew({case.task_id: (2, HB)}))[case.task_id].ok
+        assert await store.redis.ttl(record) > full - 5
+        assert await store.redis.ttl(index) >= await store.redis.ttl(record)
 
     _run(redis_url, body)

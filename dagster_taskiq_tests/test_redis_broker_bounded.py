@@ -491,7 +491,8 @@ def test_periodic_work_never_scans_the_keyspace(private_redis: PrivateRedis) -> 
             dead_listener = dead.listen()
             assert (await pull(dead_listener)).data == b"m1"
             await dead_listener.aclose()
-            await client.delete(dead.keys.consumer_alive("dead-1"))
+            # As if its liveness had lapsed (and with it its turn to look for dead consumers).
+            await client.delete(dead.keys.consumer_alive("dead-1"), dead.keys.recovery_turn)
 
             await client.config_resetstat()
             listener = worker.listen()

@@ -53,8 +53,8 @@ class _Store:
     held: Held
     renewed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
-    async def beat_worker(self, *_: Any) -> Any:
-        return SimpleNamespace(registered=True, shutdown_requested=False)
+    async def beat_worker(self, *_: Any, **__: Any) -> Any:
+        return SimpleNamespace(registered=True, shutdown_requested=False, revoked=())
 
     async def renew(self, leases: dict[str, Any]) -> dict[str, Transition]:
         self.renewed.append(dict(leases))
@@ -75,13 +75,22 @@ def test_a_claim_renewed_during_the_start_does_not_stop_the_step() -> None:
     intake = SimpleNamespace(claims={TASK_ID: (2, HB)})
     store = _Store(guard, intake, held)
     conn = SimpleNamespace(keystore=store, broker=object())
+    beat_times = iter([now, now + LeasePolicy(HB).renew_every(1.0)])
     heartbeat = Heartbeat(
-        conn, SimpleNamespace(liveness_ttl=10), "i", lambda: None, guard, intake, lambda _: None
-    )  # type: ignore[arg-type]
+        conn,  # type: ignore[arg-type]
+        SimpleNamespace(liveness_ttl=10, heartbeat_interval=1.0),  # type: ignore[arg-type]
+        "i",
+        lambda: None,  # type: ignore[arg-type,return-value]
+        guard,
+        intake,  # type: ignore[arg-type]
+        lambda _: None,
+        clock=lambda: next(beat_times),
+    )
     try:
         asyncio.run(heartbeat.beat_once())  # renews the claim; the task is held meanwhile
         assert not held.lost and child.signals == []
         asyncio.run(heartbeat.beat_once())  # renews the lease: still running
+        assert len(store.renewed) == 2
         assert store.renewed[-1] == {TASK_ID: (2, HB)}
         assert not held.lost and child.signals == []
     finally:

@@ -35,24 +35,39 @@ logger = logging.getLogger("dagster_taskiq.broker")
 _SCORE_SCALE = 4294967296  # 2**32: submission order lives below it, priority above it.
 #: Shortest time between two :meth:`RedisPriorityBroker.restore_strays` runs from ``keep_alive``.
 STRAY_CHECK_INTERVAL = 2.0
+#: Seconds between two refreshes of the consumer registry's TTL by one consumer (the TTL lasts
+#: days; it is also set whenever a consumer joins the registry).
+REGISTRY_REFRESH_INTERVAL = 60.0
 
 # A parked message is four fields of the unacked hash, all named TOKEN:<letter>:
 #   q  the queue's zset key   s  its score there   m  the message   n  the queue's notify list
 # (entries parked by older versions have no ``n``; they are put back without a wake-up).
 _FIELD_SUFFIXES = ("q", "s", "m", "n")
 
-# Shared Lua helpers: put one parked message back, and put back or drop a whole hash.
-_LUA_HELPERS = (
+# Wake one consumer blocked on a queue's notify list. The list is capped at 64 entries, and it
+# gets its TTL when it is created: it is drained by the consumers' pops, so it rarely lives long.
+_NOTIFY = (
     """
-local function put_back(q, s, m, n)
-  redis.call('ZADD', q, s, m)
-  if n then
-    redis.call('LPUSH', n, '1')
-    redis.call('LTRIM', n, 0, 63)
+local function notify(n)
+  local length = redis.call('LPUSH', n, '1')
+  if length == 1 then
     redis.call('EXPIRE', n, """
     + str(INDEX_TTL_SECONDS)
     + """)
+  elseif length > 64 then
+    redis.call('LTRIM', n, 0, 63)
   end
+end
+"""
+)
+
+# Shared Lua helpers: put one parked message back, and put back or drop a whole hash.
+_LUA_HELPERS = (
+    _NOTIFY
+    + """
+local function put_back(q, s, m, n)
+  redis.call('ZADD', q, s, m)
+  if n then notify(n) end
 end
 
 local function drop_fields(hash, token)
@@ -87,20 +102,24 @@ end
 # KEYS[1] queue zset, KEYS[2] queue notify list, KEYS[3] sequence, KEYS[4] queue registry set.
 # ARGV: priority, member, queue name, index ttl (s). Returns 1 if added, 0 if these exact bytes
 # already waited (their place in line is kept and nobody is woken).
-_PUSH = """
-redis.call('SADD', KEYS[4], ARGV[3])
-redis.call('EXPIRE', KEYS[4], ARGV[4])
-local seq = redis.call('INCR', KEYS[3]) % 4294967296
-redis.call('EXPIRE', KEYS[3], ARGV[4])
+# The sequence and the registry get their TTL when they are created and every 1024th push (so
+# they expire about ``index ttl`` after the last use, as before, for a fraction of the commands).
+_PUSH = (
+    _NOTIFY
+    + """
+local counter = redis.call('INCR', KEYS[3])
+local refresh = counter % 1024 == 1
+if redis.call('SADD', KEYS[4], ARGV[3]) == 1 or refresh then
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+end
+if refresh then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
+local seq = counter % 4294967296
 local score = -tonumber(ARGV[1]) * 4294967296 + seq
 local added = redis.call('ZADD', KEYS[1], 'NX', string.format('%.0f', score), ARGV[2])
-if added == 1 then
-  redis.call('LPUSH', KEYS[2], '1')
-  redis.call('LTRIM', KEYS[2], 0, 63)
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-end
+if added == 1 then notify(KEYS[2]) end
 return added
 """
+)
 
 # KEYS[1] unacked hash, KEYS[2] consumer liveness key, KEYS[3] consumer registry set,
 # KEYS[4 .. 3+n] queue zsets, KEYS[4+n .. 3+2n] their notify lists (same order).
@@ -110,10 +129,11 @@ return added
 # Idempotent per token: if a message is already parked under the token (the client retried a pop
 # whose reply was lost), that message is returned again and nothing else is popped; otherwise
 # the retry would overwrite the entry and lose the first message.
-_POP = """
+_POP = (
+    _NOTIFY
+    + """
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
+if redis.call('SADD', KEYS[3], ARGV[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 local already = redis.call('HGET', KEYS[1], ARGV[1] .. ':m')
 if already then return {already, redis.call('HGET', KEYS[1], ARGV[1] .. ':q')} end
 local n = (#KEYS - 3) / 2
@@ -134,14 +154,13 @@ redis.call('HSET', KEYS[1], t .. ':q', KEYS[best], t .. ':s', best_text, t .. ':
            t .. ':n', KEYS[best + n])
 for i = 4, 3 + n do
   if redis.call('ZCARD', KEYS[i]) > 0 then
-    redis.call('LPUSH', KEYS[i + n], '1')
-    redis.call('LTRIM', KEYS[i + n], 0, 63)
-    redis.call('EXPIRE', KEYS[i + n], ARGV[4])
+    notify(KEYS[i + n])
     break
   end
 end
 return {best_member, KEYS[best]}
 """
+)
 
 # KEYS[1] unacked hash. ARGV: token.
 _ACK = (
@@ -299,6 +318,9 @@ class RedisPriorityBroker(AsyncBroker):
         self._purge = redis.register_script(_PURGE)
         self._last_recovery = float("-inf")
         self._last_stray_check = float("-inf")
+        #: Loop time of the last liveness refresh (by a pop or by :meth:`_register`).
+        self._liveness_refreshed_at = float("-inf")
+        self._registry_refreshed_at = float("-inf")
         #: Tokens of popped messages not yet resolved; their parked entries must stay parked.
         self._held: set[str] = set()
         #: Tokens whose acknowledgement failed (it may or may not have reached Redis); their
@@ -340,12 +362,21 @@ class RedisPriorityBroker(AsyncBroker):
         )
 
     async def _register(self) -> None:
-        """Refresh this consumer's liveness key and make sure it is in the consumer registry."""
+        """Refresh this consumer's liveness key and make sure it is in the consumer registry
+        (whose TTL is renewed when the consumer joins it, and at most once a minute)."""
+        now = asyncio.get_running_loop().time()
+        refresh_registry = now - self._registry_refreshed_at >= REGISTRY_REFRESH_INTERVAL
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self._alive_key, "1", px=self._liveness_ms)
             pipe.sadd(self.keys.consumers, self.consumer)
-            pipe.expire(self.keys.consumers, INDEX_TTL_SECONDS)
-            await pipe.execute()
+            if refresh_registry:
+                pipe.expire(self.keys.consumers, INDEX_TTL_SECONDS)
+            results = await pipe.execute()
+        if results[1] and not refresh_registry:
+            await self.redis.expire(self.keys.consumers, INDEX_TTL_SECONDS)
+        if refresh_registry:
+            self._registry_refreshed_at = now
+        self._liveness_refreshed_at = now
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         """Yield messages, best priority first across all listened queues, one per pull.
@@ -375,10 +406,12 @@ class RedisPriorityBroker(AsyncBroker):
             # Held before the pop is sent, so restore_strays never takes a message in flight.
             self._held.add(token)
             try:
+                pop_sent_at = asyncio.get_running_loop().time()
                 popped = await self._pop(
                     keys=pop_keys,
                     args=[token, self._liveness_ms, self.consumer, INDEX_TTL_SECONDS],
                 )
+                self._liveness_refreshed_at = pop_sent_at
                 # A message popped for a cancelled pull is never yielded: release its token so
                 # restore_strays puts it back.
                 _honour_swallowed_cancel()
@@ -409,13 +442,19 @@ class RedisPriorityBroker(AsyncBroker):
             raise
         self._held.discard(token)
 
-    async def keep_alive(self) -> None:
-        """Refresh this consumer's liveness and registration (call it from the heartbeat).
+    async def keep_alive(self, min_interval: float = 0.0) -> None:
+        """Refresh this consumer's liveness and registration (call it from the heartbeat),
+        unless a pop or a refresh did within the last ``min_interval`` seconds: an idle consumer
+        polls, and each poll refreshes its liveness already.
 
         At most every :data:`STRAY_CHECK_INTERVAL` seconds it also runs :meth:`restore_strays`.
         """
-        await self._register()
         now = asyncio.get_running_loop().time()
+        if (
+            now - self._liveness_refreshed_at >= min_interval
+            or now - self._registry_refreshed_at >= REGISTRY_REFRESH_INTERVAL
+        ):
+            await self._register()
         if now - self._last_stray_check >= STRAY_CHECK_INTERVAL:
             self._last_stray_check = now
             await self.restore_strays()
@@ -457,13 +496,20 @@ class RedisPriorityBroker(AsyncBroker):
         Reads the consumer registry and checks each other consumer's liveness key; for each dead
         one a script puts its parked messages back and removes it from the registry, atomically
         and only if its liveness key is still absent. Costs O(number of registered consumers).
-        Does nothing if it last ran less than ``min_interval`` seconds ago. Returns how many
-        messages went back.
+
+        Does nothing if it last ran less than ``min_interval`` seconds ago. With a positive
+        ``min_interval`` the consumers also take turns: one look per ``min_interval`` for the
+        whole deployment (whoever first sets the turn key), so the deployment's cost stays
+        O(consumers) per interval instead of O(consumers²). Returns how many messages went back.
         """
         loop_time = asyncio.get_running_loop().time()
         if loop_time - self._last_recovery < min_interval:
             return 0
         self._last_recovery = loop_time
+        if min_interval > 0 and not await self.redis.set(
+            self.keys.recovery_turn, self.consumer, nx=True, px=max(1, int(min_interval * 1000))
+        ):
+            return 0
         others = sorted(
             name
             for name in map(_text, await self.redis.smembers(self.keys.consumers))

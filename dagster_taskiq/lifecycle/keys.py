@@ -14,6 +14,8 @@ Layout (``P`` is ``config_source.key_prefix``, default ``dagster_taskiq``)::
     P:idx:queues         set     names of queues that have had messages
     P:worker:NAME        hash    a worker's liveness record; TTL = liveness
     P:shutdown:NAME      string  asks worker NAME to shut down
+    P:revoked:NAME       list    ids of tasks worker NAME runs that were revoked (read each beat)
+    P:turn:recovery      string  whose turn it is to look for dead consumers; TTL = one turn
     P:dead:entries       hash    refused messages: dead-letter id -> JSON entry
     P:dead:index         zset    dead-letter ids by the time they were refused
     P:q:QUEUE            zset    a queue's waiting messages (Redis broker)
@@ -129,6 +131,17 @@ class KeySpace:
     def shutdown(self, name: str) -> str:
         """String that asks worker ``name`` to shut down gracefully."""
         return f"{self.prefix}:shutdown:{name}"
+
+    def revocations(self, name: str) -> str:
+        """List of ids of tasks running on worker ``name`` that were revoked since its last
+        heartbeat: it renews those at once, so a revocation does not wait for their next
+        renewal."""
+        return f"{self.prefix}:revoked:{name}"
+
+    @property
+    def recovery_turn(self) -> str:
+        """String held (with a TTL) by the consumer whose turn it is to look for dead ones."""
+        return f"{self.prefix}:turn:recovery"
 
     @property
     def dead_letter_entries(self) -> str:

@@ -1,9 +1,12 @@
 """Lease timings: when the key store looks at a task again, and when a worker fences itself.
 
 A running task holds a *lease*: a key whose TTL is the task's ``heartbeat_timeout`` (``T``),
-renewed by its worker about once a second. Redis starts each TTL when the renewal *arrives*, so a
-lease renewed by a request sent at ``s`` lasts at least until ``s + T``. The worker therefore
-measures from the send time of its last successful renewal and stops the task's process:
+renewed by its worker every ``T/10`` (and at least every heartbeat interval, so about once a
+second for short timeouts; every 3 s with the default ``T`` = 30 s). A revocation does not wait
+for the next renewal: the worker reads its revoked tasks on every heartbeat. Redis starts each
+TTL when the renewal *arrives*, so a lease renewed by a request sent at ``s`` lasts at least
+until ``s + T``. The worker therefore measures from the send time of its last successful renewal
+and stops the task's process:
 
 * SIGTERM at ``s + TERM_FRACTION·T`` (Dagster's interrupt: the step records it),
 * SIGKILL at ``s + KILL_FRACTION·T``,
@@ -21,6 +24,9 @@ import dataclasses
 TERM_FRACTION = 0.5
 #: Fraction of ``heartbeat_timeout`` after the last good renewal at which the process gets SIGKILL.
 KILL_FRACTION = 0.75
+#: Fraction of ``heartbeat_timeout`` between two renewals of one lease: five renewals may fail
+#: in a row before the process is stopped.
+RENEW_FRACTION = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +39,11 @@ class LeasePolicy:
     def lease_ms(self) -> int:
         """The lease key's TTL in milliseconds."""
         return max(1, int(self.heartbeat_timeout * 1000))
+
+    def renew_every(self, heartbeat_interval: float) -> float:
+        """Seconds between two renewals of the lease, for a worker beating every
+        ``heartbeat_interval`` seconds."""
+        return max(heartbeat_interval, RENEW_FRACTION * self.heartbeat_timeout)
 
     @property
     def term_after(self) -> float:

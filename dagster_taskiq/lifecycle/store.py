@@ -95,6 +95,8 @@ class WorkerBeat:
     registered: bool
     #: Whether ``worker terminate`` asked this worker to shut down.
     shutdown_requested: bool
+    #: Ids of this worker's tasks revoked since its last beat (renew them now).
+    revoked: tuple[str, ...] = ()
 
 
 class TaskStore:
@@ -171,7 +173,8 @@ class TaskStore:
         await self._register(
             keys=[self.keys.task(task_id), self.keys.inflight, self.keys.due,
                   self.keys.run_index(run_id)],
-            args=[repr(now), repr(now + policy.unsent_grace), self._record_ttl, *fields],
+            args=[repr(now), repr(now + policy.unsent_grace), self._record_ttl, task_id,
+                  step_key or RUN_TASK_INDEX_FIELD, *fields],
         )  # fmt: skip
 
     async def mark_sent(
@@ -201,7 +204,7 @@ class TaskStore:
         wake = self.keys.run_wake(_text(run_id) if run_id else "")
         result = await self._revoke(
             keys=[record, self.keys.inflight, self.keys.due, wake],
-            args=[repr(now), self.result_ttl, reason or ""],
+            args=[repr(now), self.result_ttl, reason or "", self.keys.revocations("")],
         )
         return _text(result)
 
@@ -417,27 +420,31 @@ class TaskStore:
         return popped is not None
 
     # -- workers -----------------------------------------------------------------------------
-    async def beat_worker(self, info: WorkerInfo, instance: str, ttl: float) -> WorkerBeat:
+    async def beat_worker(
+        self, info: WorkerInfo, instance: str, ttl: float, refresh_index: bool = True
+    ) -> WorkerBeat:
         """Register or refresh a worker's liveness record, unless another live instance holds
-        the name; also reports whether the worker was asked to shut down."""
+        the name; also reports whether the worker was asked to shut down and which of its tasks
+        were revoked since its last beat. One script call.
+
+        ``refresh_index`` renews the workers index's TTL (it is also set whenever a name joins
+        the index); a heartbeat asks for it about once a minute.
+        """
         fields: list[str] = []
         for key, value in info.as_mapping().items():
             fields += [key, value]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._queue_script(
-                pipe,
-                self._register_worker,
-                keys=[self.keys.worker(info.name), self.keys.workers],
-                args=[info.name, instance, int(ttl * 1000), *fields],
-            )
-            pipe.exists(self.keys.shutdown(info.name))
-            registered, shutdown = await pipe.execute()
-        return WorkerBeat(bool(registered), bool(shutdown))
+        registered, shutdown, revoked = await self._register_worker(
+            keys=[self.keys.worker(info.name), self.keys.workers, self.keys.shutdown(info.name),
+                  self.keys.revocations(info.name)],
+            args=[info.name, instance, int(ttl * 1000), "1" if refresh_index else "0", *fields],
+        )  # fmt: skip
+        return WorkerBeat(bool(registered), bool(shutdown), tuple(map(_text, revoked)))
 
     async def remove_worker(self, name: str, instance: str) -> None:
         """Delete a worker's liveness record (on clean shutdown) if it is still ``instance``'s."""
         await self._remove_worker(
-            keys=[self.keys.worker(name), self.keys.workers, self.keys.shutdown(name)],
+            keys=[self.keys.worker(name), self.keys.workers, self.keys.shutdown(name),
+                  self.keys.revocations(name)],
             args=[name, instance],
         )
 

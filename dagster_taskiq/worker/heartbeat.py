@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from dagster_taskiq.brokers.redis_priority import RedisPriorityBroker
 from dagster_taskiq.connection import TaskiqConnection
+from dagster_taskiq.lifecycle.lease import LeasePolicy
 from dagster_taskiq.lifecycle.records import WorkerInfo
 from dagster_taskiq.lifecycle.recovery import sweep
 from dagster_taskiq.lifecycle.retry import Backoff, short_error
@@ -29,6 +30,8 @@ SWEEP_DEADLINE = 10.0
 #: Waits between failed heartbeats: short, so renewals resume within a second or two of an
 #: outage's end, long before any lease lapses.
 HEARTBEAT_BACKOFF = Backoff(initial=0.5, cap=2.0)
+#: Seconds between two refreshes of the workers index's TTL (it lasts days; see ``KeySpace``).
+INDEX_REFRESH_INTERVAL = 60.0
 
 
 class WorkerNameTaken(Exception):
@@ -47,14 +50,19 @@ class Heartbeat:
         guard: LeaseGuard,
         intake: Intake,
         request_stop: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.conn = conn
+        self.clock = clock
         self.options = options
         self.instance = instance
         self.info = info
         self.guard = guard
         self.intake = intake
         self.request_stop = request_stop
+        #: Task id -> monotonic send time of its last renewal (of any outcome).
+        self._renewal_sent: dict[str, float] = {}
+        self._index_refreshed_at = float("-inf")
 
     async def register(self) -> None:
         """Register the worker; :class:`WorkerNameTaken` if a live worker has its name."""
@@ -64,13 +72,40 @@ class Heartbeat:
         if not beat.registered:
             raise WorkerNameTaken(self.options.name)
 
+    def _due_for_renewal(
+        self, leases: dict[str, tuple[int, float]], revoked: tuple[str, ...], now: float
+    ) -> dict[str, tuple[int, float]]:
+        """The leases to renew in this beat: those whose renewal interval has passed (see
+        :meth:`LeasePolicy.renew_every`), new ones, and revoked ones (so that their process is
+        stopped now, not at their next renewal)."""
+        interval = self.options.heartbeat_interval
+        # Half a beat of slack, so that a lease due "about now" is not put off by a whole beat.
+        slack = interval / 2
+        due = {
+            task_id: lease
+            for task_id, lease in leases.items()
+            if task_id in revoked
+            or now - self._renewal_sent.get(task_id, float("-inf"))
+            >= LeasePolicy(lease[1]).renew_every(interval) - slack
+        }
+        for task_id in list(self._renewal_sent):
+            if task_id not in leases:
+                del self._renewal_sent[task_id]
+        for task_id in due:
+            self._renewal_sent[task_id] = now
+        return due
+
     async def beat_once(self) -> None:
-        """One heartbeat: liveness, shutdown requests, and every lease and claim renewed."""
+        """One heartbeat: liveness, shutdown requests and revocations, and the leases and
+        claims whose renewal is due renewed."""
         conn = self.conn
-        sent_at = time.monotonic()
+        sent_at = self.clock()
+        refresh_index = sent_at - self._index_refreshed_at >= INDEX_REFRESH_INTERVAL
         beat = await conn.keystore.beat_worker(
-            self.info(), self.instance, self.options.liveness_ttl
+            self.info(), self.instance, self.options.liveness_ttl, refresh_index=refresh_index
         )
+        if refresh_index:
+            self._index_refreshed_at = sent_at
         if not beat.registered:
             self.request_stop(
                 f"another live worker named {self.options.name} took over its liveness record"
@@ -78,14 +113,22 @@ class Heartbeat:
         if beat.shutdown_requested:
             self.request_stop("terminate requested through the CLI")
         held = self.guard.leases()
-        leases = {**self.intake.claims, **held}
-        for task_id, transition in (await conn.keystore.renew(leases)).items():
+        leases = self._due_for_renewal({**self.intake.claims, **held}, beat.revoked, sent_at)
+        try:
+            transitions = await conn.keystore.renew(leases)
+        except BaseException:
+            # Not renewed: try these again on the next beat, not a whole interval later.
+            for task_id in leases:
+                self._renewal_sent.pop(task_id, None)
+            raise
+        for task_id, transition in transitions.items():
             # Only a renewal of a task held when it was sent says anything about its process:
             # a claim renewed while its task was being started reads "claimed", not "lost".
             if task_id in held:
                 self.guard.renewed(task_id, transition, sent_at)
         if isinstance(conn.broker, RedisPriorityBroker):
-            await conn.broker.keep_alive()
+            # An idle consumer's polls refresh its liveness already; a busy one's do not.
+            await conn.broker.keep_alive(min_interval=2 * self.options.heartbeat_interval)
 
     async def run(self) -> None:
         """Beat every ``heartbeat_interval`` until cancelled; back off (briefly) on failures."""
@@ -117,7 +160,8 @@ class Sweeper:
         self.conn = conn
 
     async def sweep_once(self) -> None:
-        """One sweep: due tasks, then this broker's dead consumers and stray pops."""
+        """One sweep: due tasks, then (when it is this worker's turn) dead broker consumers.
+        Stray pops are put back by the heartbeat's ``keep_alive``."""
         conn = self.conn
         report = await sweep(conn.keystore, conn)
         if report.sent or report.released or report.lost:
@@ -130,7 +174,6 @@ class Sweeper:
         broker = conn.broker
         if isinstance(broker, RedisPriorityBroker):
             await broker.recover_dead_consumers()
-            await broker.restore_strays()
 
     async def run(self) -> None:
         """Sweep every ``SWEEP_INTERVAL`` seconds until cancelled."""

@@ -231,6 +231,16 @@ def run_worker(settings: TaskiqSettings, options: WorkerOptions) -> int:
     return asyncio.run(Worker(settings, options).serve())
 
 
+#: How long a worker keeps looking for its instance's storage to be complete, so that it can open
+#: the instance before its first task (see :mod:`.storage_ready`), and how often it looks.
+PRELOAD_WAIT = 120.0
+PRELOAD_RETRY = 1.0
+
+
 async def _open_instance_early(intake: Intake) -> None:
-    """Open the worker's own Dagster instance in a thread (see :meth:`Intake.preload`)."""
-    await asyncio.to_thread(intake.preload)
+    """Open the worker's own Dagster instance in a thread (see :meth:`Intake.preload`) once its
+    storage is complete; look again every second for a while if it is still being made."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + PRELOAD_WAIT
+    while not await asyncio.to_thread(intake.preload) and loop.time() < give_up_at:
+        await asyncio.sleep(PRELOAD_RETRY)

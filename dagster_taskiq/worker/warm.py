@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from dagster import DagsterInstance, JobDefinition
 
 from dagster_taskiq.compat import (
@@ -43,7 +42,6 @@ from dagster_taskiq.compat import (
     create_execution_plan,
     recon_job_from_origin,
 )
-from dagster_taskiq.instance_yaml import find_instance_yaml
 from dagster_taskiq.storage_connections import (
     close_sqlite_connections,
     keep_sqlite_connections_open,
@@ -52,6 +50,7 @@ from dagster_taskiq.storage_connections import (
 )
 from dagster_taskiq.worker.logtail import use_thread_mirroring
 from dagster_taskiq.worker.rehearsal import rehearse_step_process
+from dagster_taskiq.worker.storage_ready import instance_storage_ready
 
 logger = logging.getLogger("dagster_taskiq.worker")
 
@@ -104,12 +103,13 @@ class WarmCache:
         """Open the worker's own instance (``DAGSTER_HOME``) ahead of the first task.
 
         It is filed under its own ref as well, so a task whose ref is the same (workers and
-        orchestrators sharing one ``dagster.yaml``) finds it open. Done only for storage on a
-        database server (see :func:`instance_storage_exists`): SQLite storage opened here could
-        race the webserver or an orchestrator creating it. Returns whether it is now open.
+        orchestrators sharing one ``dagster.yaml``) finds it open. Done only when that cannot
+        create storage (see :func:`instance_storage_ready`): SQLite storage opened while the
+        webserver or an orchestrator creates it could meet a half-made schema. Returns whether
+        it is now open.
         """
         home = os.environ.get("DAGSTER_HOME")
-        if not home or not instance_storage_exists(Path(home)):
+        if self._own_instance is None and (not home or not instance_storage_ready(Path(home))):
             return False
         instance = self.own_instance()
         self._instances.setdefault(repr(instance.get_ref()), instance)
@@ -275,30 +275,6 @@ class WarmCache:
     def _all_instances(self) -> list[DagsterInstance]:
         own = [self._own_instance] if self._own_instance is not None else []
         return [*self._instances.values(), *own]
-
-
-#: ``dagster.yaml`` sections that configure storage.
-STORAGE_SECTIONS = ("storage", "run_storage", "event_log_storage", "schedule_storage")
-#: Words that name a database-server storage in those sections.
-SERVER_STORAGES = ("postgres", "mysql")
-
-
-def instance_storage_exists(home: Path) -> bool:
-    """Whether the instance at ``home`` keeps its storage on a database server, which Dagster
-    creates safely when several processes open it at once. SQLite storage (the default) is not
-    opened early: a process that opens it while another creates it (``dagster dev`` starting
-    next to its workers) can meet a half-made schema."""
-    found = find_instance_yaml(home)
-    if found is None:
-        return False
-    try:
-        config = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    if not isinstance(config, dict):
-        return False
-    sections = " ".join(str(config.get(name, "")) for name in STORAGE_SECTIONS).lower()
-    return any(word in sections for word in SERVER_STORAGES)
 
 
 def _opened(instance: DagsterInstance) -> DagsterInstance:

@@ -438,7 +438,7 @@ def format_lanes(records: Sequence[dict[str, Any]], markdown: bool = False) -> s
         )
     second_header = [
         "queues",
-        "RabbitMQ queues per queue (measured / by code)",
+        "RabbitMQ queues for one task queue (measured / by code)",
         "idle packets in per s",
         "round trips per idle pull: before the wait / after a delivery",
     ]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.lanes import LANE_VARIANTS
 from benchmarks.report import DERIVED_TYPES, format_markdown, format_text, summarize
 from benchmarks.scenarios import MODES, SCENARIOS
 
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         "--executors",
         type=_csv,
         default=None,
-        help=f"comma-separated: {', '.join(EXECUTOR_NAMES)} (default: all)",
+        help=f"comma-separated: {', '.join(EXECUTOR_NAMES + LANE_VARIANTS)} (default: the "
+        "mode's, else all but the quorum variants, which run lanes compares)",
     )
     run.add_argument("--rounds", type=int, default=None, help="measured rounds per scenario")
     run.add_argument(
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     scenario_names = args.scenarios or list(mode.scenarios)
     unknown = [s for s in scenario_names if s not in SCENARIOS]
     executors = args.executors or list(mode.executors or EXECUTOR_NAMES)
-    unknown += [e for e in executors if e not in EXECUTOR_NAMES]
+    unknown += [e for e in executors if e not in EXECUTOR_NAMES + LANE_VARIANTS]
     storages = args.storage or list(mode.storages)
     unknown += [s for s in storages if s not in ("sqlite", "postgres")]
     if unknown:
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.runner import Session
 
     variants = {f"{e}{METRICS_SUFFIX}" for e in EXECUTOR_NAMES if e.startswith("taskiq_")}
-    assert set(EXECUTORS) == set(EXECUTOR_NAMES) | variants
+    assert set(EXECUTORS) == set(EXECUTOR_NAMES) | variants | set(LANE_VARIANTS)
     records: list[dict[str, Any]] = []
     with open(out_path, "w", encoding="utf-8") as out:
         for storage in storages:
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=mode.warmup and not args.no_warmup,
                 probe_rounds=probe_rounds,
                 log=_log,
+                run_probe=_broker_probe if args.mode == "lanes" else None,
             )
             records += session.run()
     print(format_text(records))
@@ -202,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         r for r in records if r.get("type") in ("run", "cold_start") and not r.get("success")
     ]
     return 1 if failed else 0
+
+
+def _broker_probe(env: Any) -> Any:
+    """``run lanes``: RabbitMQ's queue and packet counters for the session's RabbitMQ executors."""
+    from benchmarks.lanes import BrokerProbe
+
+    return BrokerProbe(env.rabbit_executors(), log=_log)
 
 
 def _run_scale(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from benchmarks.lanes import LANE_COUNTS, LANE_PREFIX, named_url, worker_connection_name
 from dagster_taskiq.config import TaskiqSettings, settings_to_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,8 @@ class ExecutorSpec:
     workers: str | None  # "taskiq", "celery" or None (runs inside the orchestrator)
     #: Whether its workers serve Prometheus metrics (``worker start --metrics-port``).
     metrics: bool = False
+    #: RabbitMQ only: ``priority_lanes`` of quorum queues; 0 for classic queues.
+    priority_lanes: int = 0
 
     @property
     def broker(self) -> str:
@@ -69,6 +72,17 @@ EXECUTORS: dict[str, ExecutorSpec] = {
             "taskiq_executor, RabbitMQ, worker metrics on",
             "taskiq",
             metrics=True,
+        ),
+        *(
+            ExecutorSpec(
+                f"{LANE_PREFIX}{lanes}",
+                "taskiq",
+                f"taskiq_executor, RabbitMQ quorum queues, {lanes} priority lane"
+                + ("s" if lanes > 1 else ""),
+                "taskiq",
+                priority_lanes=lanes,
+            )
+            for lanes in LANE_COUNTS
         ),
         ExecutorSpec("in_process", "in_process", "in_process_executor", None),
         ExecutorSpec("multiprocess", "multiprocess", "multiprocess_executor (2, forkserver)", None),
@@ -356,8 +370,14 @@ class BenchEnv:
             if self.poll_interval is not None:
                 executor_config["poll_interval"] = self.poll_interval
             setup.run_config = {"execution": {"config": executor_config}}
+            worker_config = dict(config)
+            if spec.broker == "rabbitmq":
+                # Named, so that ``run lanes`` can tell the workers' connections apart on RabbitMQ.
+                worker_config["broker"] = named_url(
+                    str(config["broker"]), worker_connection_name(self.uid, spec.name)
+                )
             worker_yaml = home / "worker.yaml"
-            worker_yaml.write_text(yaml.safe_dump({"execution": {"config": config}}))
+            worker_yaml.write_text(yaml.safe_dump({"execution": {"config": worker_config}}))
             for index in range(self.worker_count):
                 setup.workers.append(
                     self.taskiq_worker(setup, f"bench-{self.uid}-{spec.name}-{index}")
@@ -488,6 +508,9 @@ class BenchEnv:
             broker = self.amqp_url
             source["exchange"] = prefix
             source["queue_arguments"] = {"x-expires": 600_000}
+            if EXECUTORS[name].priority_lanes:
+                source["queue_type"] = "quorum"
+                source["priority_lanes"] = EXECUTORS[name].priority_lanes
         return TaskiqSettings(
             broker_url=broker,
             backend_url=self.redis_url,
@@ -512,6 +535,18 @@ class BenchEnv:
         """Environment of an orchestrator process for executor ``name``."""
         return self._env(self.setups[name].home)
 
+    def rabbit_executors(self) -> dict[str, tuple[str, str, str]]:
+        """Per RabbitMQ taskiq executor: its workers' connection name, default queue, exchange."""
+        found: dict[str, tuple[str, str, str]] = {}
+        for name, setup in self.setups.items():
+            if setup.settings is not None and setup.spec.broker == "rabbitmq":
+                found[name] = (
+                    worker_connection_name(self.uid, name),
+                    setup.settings.default_queue,
+                    str(setup.settings.config_source["exchange"]),
+                )
+        return found
+
     @property
     def workers(self) -> list[WorkerProc]:
         """Every worker of the session."""
@@ -527,6 +562,10 @@ class BenchEnv:
                 self.log(f"could not stop worker {proc.name}: {exc}")
         with contextlib.suppress(Exception):
             self._delete_keys()
+        try:
+            self._delete_dead_letter_queues()
+        except Exception as exc:  # pragma: no cover - best effort
+            self.log(f"could not delete the quorum dead-letter queues: {exc}")
         if self.databases:
             try:
                 self._drop_databases()
@@ -536,6 +575,32 @@ class BenchEnv:
             self.private_redis.stop()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _delete_dead_letter_queues(self) -> None:
+        """Delete the quorum variants' dead-letter queues and exchanges: they are declared
+        without the session's ``x-expires`` and would stay on RabbitMQ (lanes expire)."""
+        exchanges = [
+            str(s.settings.config_source["exchange"])
+            for s in self.setups.values()
+            if s.settings is not None and s.spec.priority_lanes
+        ]
+        if not exchanges:
+            return
+        import asyncio
+
+        import aio_pika
+
+        async def delete() -> None:
+            connection = await aio_pika.connect(self.amqp_url, timeout=10)
+            try:
+                channel = await connection.channel()
+                for exchange in exchanges:
+                    await channel.queue_delete(f"{exchange}.dead-letters")
+                    await channel.exchange_delete(f"{exchange}.dlx")
+            finally:
+                await connection.close()
+
+        asyncio.run(delete())
 
     def _delete_keys(self) -> None:
         import redis

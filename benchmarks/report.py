@@ -5,6 +5,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from benchmarks.lanes import LANE_TYPES, LANE_VARIANTS, format_lanes, lane_rows
 from benchmarks.scenarios import (
     CHAIN_HOP_TARGET_S,
     FANOUT_VS_CELERY_TARGET,
@@ -15,12 +16,13 @@ from benchmarks.scenarios import (
 CELERY = "celery_redis"
 IN_PROCESS = "in_process"
 #: Record types that :func:`summarize` derives from the raw records.
-DERIVED_TYPES = frozenset({"summary", "target", "scaling", "target_row"})
+DERIVED_TYPES = frozenset({"summary", "target", "scaling", "target_row", *LANE_TYPES})
 ORDER = (
     "taskiq_redis",
     "taskiq_redis_metrics",
     "taskiq_rabbitmq",
     "taskiq_rabbitmq_metrics",
+    *LANE_VARIANTS,
     "in_process",
     "multiprocess",
     "celery_redis",
@@ -68,7 +70,10 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for storage, part in by_storage(records).items():
         derived = _summarize_one(part)
-        derived += target_rows(part)
+        meta = next((r for r in part if r.get("type") == "meta"), {})
+        if meta.get("mode") != "lanes":  # its own table instead: benchmarks.lanes
+            derived += target_rows(part)
+        derived += lane_rows(part)
         out += [{**record, "storage": storage} for record in derived]
     return out
 
@@ -334,6 +339,9 @@ def format_text(records: Sequence[dict[str, Any]]) -> str:
         from benchmarks.targets import format_rows_text
 
         lines += ["", format_rows_text(rows)]
+    lanes = format_lanes(records)
+    if lanes:
+        lines += ["", "== RabbitMQ priority lanes (÷ classic queues)", lanes]
     return "\n".join(lines)
 
 
@@ -381,4 +389,7 @@ def format_markdown(records: Sequence[dict[str, Any]]) -> str:
         from benchmarks.targets import format_rows_markdown
 
         lines += ["", format_rows_markdown(rows)]
+    lanes = format_lanes(records, markdown=True)
+    if lanes:
+        lines += ["", lanes]
     return "\n".join(lines)

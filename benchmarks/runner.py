@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from benchmarks.coldstart import ColdStartProbe
 from benchmarks.env import EXECUTORS, REPO_ROOT, BenchEnv
@@ -118,6 +118,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+class RunProbe(Protocol):
+    """Something measured around every run and once after the scenarios (``run lanes``'s
+    broker counters, :class:`benchmarks.lanes.BrokerProbe`)."""
+
+    def before(self, executor: str) -> Any:
+        """Called just before a run of ``executor``; what it returns goes to :meth:`after`."""
+
+    def after(self, executor: str, token: Any) -> dict[str, Any]:
+        """Called just after the run; the fields are added to the run's record."""
+
+    def session_records(self) -> list[dict[str, Any]]:
+        """Called once after the scenarios, while the workers are still up; records to write."""
+
+
 class Session:
     """One benchmark session: environment, sampler and the JSON lines output."""
 
@@ -133,8 +147,12 @@ class Session:
         warmup: bool = True,
         probe_rounds: int = 0,
         log: Callable[[str], None] = print,
+        run_probe: Callable[[BenchEnv], RunProbe] | None = None,
     ) -> None:
         self.env = env
+        #: Made once the environment is up (it may need the workers' names and queues).
+        self.make_run_probe = run_probe
+        self.run_probe: RunProbe | None = None
         self.scenarios = list(scenarios)
         self.rounds = rounds
         self.out = out
@@ -166,8 +184,13 @@ class Session:
                 self.log(f"Skipping executor {name}: {reason}")
             self.sampler = Sampler({w.name: (w.pid, w.executor) for w in self.env.workers})
             self.sampler.start()
+            if self.make_run_probe is not None:
+                self.run_probe = self.make_run_probe(self.env)
             for scenario in self.scenarios:
                 self._run_scenario(scenario)
+            if self.run_probe is not None:
+                for record in self.run_probe.session_records():
+                    self.emit(record)
             self.sampler.stop()
             for stats in self.sampler.snapshot():
                 ready = next(w for w in self.env.workers if w.name == stats.worker).ready_after_s
@@ -276,6 +299,7 @@ class Session:
         }
         if self.sampler is not None:
             self.sampler.busy = name
+        token = self.run_probe.before(name) if self.run_probe is not None else None
         try:
             with open(log_path, "ab") as log:
                 done = subprocess.run(
@@ -297,6 +321,8 @@ class Session:
         record["worker_cpu_s"] = round(
             sum(tree_cpu(w.pid) - cpu_before[w.name] for w in workers), 3
         )
+        if self.run_probe is not None:
+            record.update(self.run_probe.after(name, token))
         lines = [line for line in done.stdout.decode(errors="replace").splitlines() if line]
         try:
             result = json.loads(lines[-1])

@@ -3,6 +3,7 @@
 import dataclasses
 from collections.abc import Mapping
 
+from benchmarks.lanes import LANES_EXECUTORS
 from benchmarks.shapes import step_count
 
 TASKIQ = ("taskiq_redis", "taskiq_rabbitmq")
@@ -157,6 +158,9 @@ MODES: dict[str, Mode] = {
         executors=("taskiq_redis", "in_process"),
         warmup=False,
     ),
+    # The cost of RabbitMQ priority lanes: classic queues against quorum queues with 1, 3 and 5
+    # lanes, side by side, plus the broker-side counters (benchmarks.lanes).
+    "lanes": Mode(3, ("chain_20", "fanout_100"), executors=LANES_EXECUTORS),
 }
 
 #: Per-hop target for chain_20 (seconds), fan-out ratios, and the sleepy slack over the ideal.

@@ -15,6 +15,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from benchmarks.lanes import lanes_of
 from benchmarks.shapes import sleep_count
 
 IN_PROCESS = "in_process"
@@ -273,7 +274,12 @@ def _executors(records: Sequence[dict[str, Any]]) -> list[str]:
         str(r.get("executor")) for r in records if r.get("type") in ("run", "cold_start")
     ]
     for name in candidates:
-        if name.startswith("taskiq_") and not name.endswith("_metrics") and name not in found:
+        if (
+            name.startswith("taskiq_")
+            and not name.endswith("_metrics")
+            and not lanes_of(name)  # the quorum variants have a table of their own
+            and name not in found
+        ):
             found.append(name)
     order = ("taskiq_redis", "taskiq_rabbitmq")
     return sorted(found, key=lambda n: (order.index(n) if n in order else len(order), n))

@@ -39,8 +39,11 @@ def executor_config_schema() -> dict[str, Field]:
     }
 
 
-#: Longest one orchestrator tick waits for a worker's "step finished" wake-up.
-WAKE_WAIT_SECONDS = 0.25
+#: Longest one orchestrator tick waits for a worker's "step finished" wake-up. A wake-up ends the
+#: wait at once, so this bounds only how soon the loop notices what sends none: a termination
+#: request, a pool slot freed by another run, a retry delay running out. Each wait is one Redis
+#: command, so a shorter wait costs every waiting run more commands per second.
+WAKE_WAIT_SECONDS = 1.0
 #: The event log is read at least this often even without a wake-up: for events the orchestrator
 #: logs itself (a failed health check) and for workers that send no wake-ups.
 FULL_POLL_SECONDS = 1.0

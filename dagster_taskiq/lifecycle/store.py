@@ -413,11 +413,11 @@ class TaskStore:
         happened since.
         """
         key = self.keys.run_wake(run_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.blpop([key], timeout=timeout)
-            pipe.delete(key)
-            popped, _ = await pipe.execute()
-        return popped is not None
+        popped = await self.redis.blpop([key], timeout=timeout)
+        if popped is None:
+            return False  # timed out: the list is empty, nothing to drain
+        await self.redis.delete(key)
+        return True
 
     # -- workers -----------------------------------------------------------------------------
     async def beat_worker(

@@ -7,10 +7,15 @@ healthy step would be stopped and its run would fail.
 """
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
+import signal
 import time
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from dagster_taskiq.lifecycle.lease import LeasePolicy
 from dagster_taskiq.lifecycle.records import TaskRecord
@@ -36,6 +41,7 @@ def _record() -> TaskRecord:
 
 class _Child:
     pid = 12345
+    exit_code = None
 
     def __init__(self) -> None:
         self.signals: list[int] = []
@@ -93,5 +99,29 @@ def test_a_claim_renewed_during_the_start_does_not_stop_the_step() -> None:
         assert len(store.renewed) == 2
         assert store.renewed[-1] == {TASK_ID: (2, HB)}
         assert not held.lost and child.signals == []
+    finally:
+        guard.release(held)
+
+
+def test_the_guard_says_why_it_kills_a_process(caplog: pytest.LogCaptureFixture) -> None:
+    """A SIGKILL from the guard is never silent: one warning names the task and the reason."""
+    guard = LeaseGuard()
+    child = _Child()
+    long_ago = time.monotonic() - 2 * HB  # its lease was last renewed well past kill_after
+    held = Held(_record(), 2, LeasePolicy(HB), child, LeaseClock(), long_ago, long_ago)  # type: ignore[arg-type]
+    guard.running[TASK_ID] = held
+
+    async def one_pass() -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(guard.enforce(), 0.05)  # the first pass runs at once
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="dagster_taskiq.worker"):
+            asyncio.run(one_pass())
+            asyncio.run(one_pass())
+        assert signal.SIGKILL in child.signals
+        kills = [r for r in caplog.records if "Killing the process" in r.getMessage()]
+        assert len(kills) == 1  # said once, however many passes send the signal
+        assert TASK_ID in kills[0].getMessage() and "last renewed" in kills[0].getMessage()
     finally:
         guard.release(held)

@@ -16,6 +16,14 @@ import threading
 import time
 
 _FORMAT = "dd"
+
+
+def _say(message: str) -> None:
+    """One line on the task process's stderr (the worker's log): why it stops itself."""
+    try:
+        os.write(2, f"dagster-taskiq fence: {message}\n".encode())
+    except OSError:
+        pass
 #: How often the watchdog in the task process looks at its deadlines.
 WATCH_INTERVAL = 0.1
 
@@ -48,9 +56,12 @@ class LeaseClock:
             term_at, kill_at = self.read()
             now = time.monotonic()
             if now >= kill_at:
+                _say(f"task process {pid}: its lease deadline passed {now - kill_at:.3f} s ago "
+                     f"(kill at {kill_at:.3f}); killing itself so that it cannot run twice")
                 os.kill(pid, signal.SIGKILL)
             if now >= term_at and not termed:
                 termed = True
+                _say(f"task process {pid}: its lease was not renewed in time; interrupting itself")
                 os.kill(pid, signal.SIGTERM)
             time.sleep(WATCH_INTERVAL)
 

@@ -46,6 +46,8 @@ class Held:
     #: Set when the lease could not be kept: the process is stopped, the task ends ``lost``.
     lost: bool = False
     termed: bool = False
+    #: Set once the guard has sent SIGKILL (and said why).
+    killed: bool = False
 
     def move_deadlines(self, renewed_at: float) -> None:
         """A renewal sent at ``renewed_at`` succeeded: push the fencing deadlines."""
@@ -119,9 +121,11 @@ class LeaseGuard:
             now = time.monotonic()
             for held in list(self.running.values()):
                 if held.kill_at is not None and now >= held.kill_at:
-                    held.child.signal(signal.SIGKILL)
+                    self._kill(held, "it did not stop within the grace after SIGTERM")
                 if now >= held.renewed_at + held.policy.kill_after:
-                    held.child.signal(signal.SIGKILL)
+                    self._kill(
+                        held, f"its lease was last renewed {now - held.renewed_at:.1f} s ago"
+                    )
                 elif now >= held.renewed_at + held.policy.term_after and not held.termed:
                     logger.warning(
                         "Could not renew the lease of task %s (%s) for %.1f s; stopping its "
@@ -135,6 +139,20 @@ class LeaseGuard:
                     held.lost = True
                     self._interrupt(held)
             await asyncio.sleep(FENCE_CHECK_INTERVAL)
+
+    @staticmethod
+    def _kill(held: Held, why: str) -> None:
+        """SIGKILL the process (once it is logged, every 0.1 s until it is gone)."""
+        if held.child.exit_code is None and not held.killed:
+            held.killed = True
+            logger.warning(
+                "Killing the process %d of task %s (%s): %s.",
+                held.child.pid,
+                held.record.task_id,
+                held.record.what,
+                why,
+            )
+        held.child.signal(signal.SIGKILL)
 
     def _interrupt(self, held: Held) -> None:
         """SIGTERM the process now (Dagster's interrupt) and SIGKILL it after the grace."""

@@ -127,8 +127,12 @@ class Heartbeat:
             if task_id in held:
                 self.guard.renewed(task_id, transition, sent_at)
         if isinstance(conn.broker, RedisPriorityBroker):
-            # An idle consumer's polls refresh its liveness already; a busy one's do not.
-            await conn.broker.keep_alive(min_interval=2 * self.options.heartbeat_interval)
+            # An idle consumer's polls refresh its liveness already; a busy one's do not. The
+            # skip stays well inside the consumer's liveness TTL whatever the beat interval.
+            skip_within = min(
+                2 * self.options.heartbeat_interval, conn.broker.liveness_ttl / 4
+            )
+            await conn.broker.keep_alive(min_interval=skip_within)
 
     async def run(self) -> None:
         """Beat every ``heartbeat_interval`` until cancelled; back off (briefly) on failures."""

@@ -33,6 +33,10 @@ class LeaseClock:
 
     def __init__(self, term_at: float = float("inf"), kill_at: float = float("inf")) -> None:
         self._map = mmap.mmap(-1, struct.calcsize(_FORMAT))
+        #: The deadlines at creation, kept by value (so a forked process has them too). The
+        #: worker only ever moves deadlines later, so a shared value below these is not a
+        #: deadline but a bad read, and is ignored.
+        self._floor = (term_at, kill_at)
         self.set(term_at, kill_at)
 
     def set(self, term_at: float, kill_at: float) -> None:
@@ -44,6 +48,15 @@ class LeaseClock:
         term_at, kill_at = struct.unpack_from(_FORMAT, self._map, 0)
         return float(term_at), float(kill_at)
 
+    def deadlines(self) -> tuple[float, float, bool]:
+        """The deadlines to enforce: the shared ones, never earlier than those at creation.
+        The third value says whether the shared ones read below that floor (a bad read)."""
+        term_at, kill_at = self.read()
+        floor_term, floor_kill = self._floor
+        if term_at >= floor_term and kill_at >= floor_kill:
+            return term_at, kill_at, False
+        return floor_term, floor_kill, True  # below the floor, or NaN
+
     def watch(self) -> None:
         """In the task process: start a daemon thread that enforces the deadlines on itself."""
         thread = threading.Thread(target=self._watch, name="dagster-taskiq-fence", daemon=True)
@@ -51,9 +64,16 @@ class LeaseClock:
 
     def _watch(self) -> None:
         termed = False
+        reported_bad_read = False
         pid = os.getpid()
         while True:
-            term_at, kill_at = self.read()
+            term_at, kill_at, bad = self.deadlines()
+            if bad and not reported_bad_read:
+                reported_bad_read = True
+                raw_term, raw_kill = self.read()
+                _say(f"task process {pid}: read deadlines ({raw_term:.3f}, {raw_kill:.3f}) "
+                     f"earlier than those it started with; keeping ({term_at:.3f}, "
+                     f"{kill_at:.3f})")
             now = time.monotonic()
             if now >= kill_at:
                 _say(f"task process {pid}: its lease deadline passed {now - kill_at:.3f} s ago "

@@ -1,9 +1,10 @@
 """The task process's watchdog never enforces a deadline earlier than the one it started with.
 
 A benchmark run (``fanout_1000`` on Postgres, a few runs in a dozen) once showed a freshly forked
-step process reading its shared deadlines as zero and killing itself 4 ms after the fork. The
-worker only moves deadlines later, so such a read is not a deadline: the watchdog keeps the
-deadlines it was created with and says so once (no network needed).
+step process reading its shared deadlines as zero and killing itself 4 ms after the fork (a torn
+write; see ``test_unit_fence_torn``). The worker only moves deadlines later, so such a read is not
+a deadline: as a second line of defence, the watchdog keeps the deadlines it was created with and
+says so once (no network needed).
 """
 
 import math

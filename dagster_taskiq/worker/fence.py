@@ -6,16 +6,20 @@ that signals itself when a deadline passes. ``CLOCK_MONOTONIC`` is system-wide, 
 read the same clock. A worker whose event loop stalls (a long GC pause, a blocked call) therefore
 cannot keep its step running past its lease: the step stops itself. See
 :mod:`dagster_taskiq.lifecycle.lease` for the timings.
+
+Each deadline is one aligned 8-byte double, stored and loaded as a whole through a ``"d"``
+memoryview (a single machine store or load), so the watchdog never sees a half-written value.
+``struct.pack_into`` must not be used here: it zeroes the target bytes before writing them, and
+a watchdog reading at that instant saw a deadline of 0 and killed a healthy step. The two
+deadlines are written separately; since the worker only moves them later, a reader that sees one
+new and one old value enforces deadlines that were both valid, which is safe.
 """
 
 import mmap
 import os
 import signal
-import struct
 import threading
 import time
-
-_FORMAT = "dd"
 
 
 def _say(message: str) -> None:
@@ -24,6 +28,8 @@ def _say(message: str) -> None:
         os.write(2, f"dagster-taskiq fence: {message}\n".encode())
     except OSError:
         pass
+
+
 #: How often the watchdog in the task process looks at its deadlines.
 WATCH_INTERVAL = 0.1
 
@@ -32,21 +38,23 @@ class LeaseClock:
     """Two shared deadlines (monotonic seconds): when the task process must stop, and die."""
 
     def __init__(self, term_at: float = float("inf"), kill_at: float = float("inf")) -> None:
-        self._map = mmap.mmap(-1, struct.calcsize(_FORMAT))
+        self._map = mmap.mmap(-1, 16)  # page-aligned: both doubles are naturally aligned
+        self._slots = memoryview(self._map).cast("d")
         #: The deadlines at creation, kept by value (so a forked process has them too). The
         #: worker only ever moves deadlines later, so a shared value below these is not a
-        #: deadline but a bad read, and is ignored.
+        #: deadline but a bad read, and is ignored: a second line of defence behind the whole-
+        #: value stores, so that no fault in the shared page can stop a step before its time.
         self._floor = (term_at, kill_at)
         self.set(term_at, kill_at)
 
     def set(self, term_at: float, kill_at: float) -> None:
         """Move both deadlines (the worker calls this after each good renewal)."""
-        struct.pack_into(_FORMAT, self._map, 0, term_at, kill_at)
+        self._slots[0] = term_at
+        self._slots[1] = kill_at
 
     def read(self) -> tuple[float, float]:
         """The current (term_at, kill_at)."""
-        term_at, kill_at = struct.unpack_from(_FORMAT, self._map, 0)
-        return float(term_at), float(kill_at)
+        return self._slots[0], self._slots[1]
 
     def deadlines(self) -> tuple[float, float, bool]:
         """The deadlines to enforce: the shared ones, never earlier than those at creation.
@@ -87,4 +95,5 @@ class LeaseClock:
 
     def close(self) -> None:
         """Release the mapping (in the worker, once the task process has exited)."""
+        self._slots.release()
         self._map.close()

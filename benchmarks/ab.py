@@ -16,11 +16,20 @@ Prints, per build, scenario and executor, the fastest and the median wall time, 
 and the median of the per-invocation ratio to ``in_process`` (``chain_20`` per hop). Every raw
 record goes to ``--out`` with its build and round added. ``--report FILE`` prints the table of a
 file again.
+
+``--mode targets`` runs ``run targets`` instead (every row of the performance targets, with the
+cold-start probe; ``--harness-args`` passes e.g. ``--storage sqlite --rounds 2``) and prints the
+targets table with one column pair per build. ``--harness DIR`` makes every build run the
+harness of the checkout ``DIR`` (copied to a temporary folder, so each build's own installed
+package is the one measured): an old build whose harness lacks a mode is measured by the same
+code as the new one.
 """
 
 import argparse
 import json
 import os
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +40,8 @@ from typing import Any
 
 #: The executor every ratio is taken against.
 BASELINE = "in_process"
+#: Harness modes that measure the targets table (``smoke``: the same at tiny sizes).
+TARGET_MODES = ("targets", "smoke")
 
 
 def _build(value: str) -> tuple[str, Path]:
@@ -43,6 +54,17 @@ def _build(value: str) -> tuple[str, Path]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__)
     parser.add_argument("--build", type=_build, action="append", default=[], metavar="NAME=DIR")
+    parser.add_argument("--mode", choices=("quick", *TARGET_MODES), default="quick")
+    parser.add_argument(
+        "--harness",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run this checkout's benchmarks/ for every build (default: each build's own)",
+    )
+    parser.add_argument(
+        "--harness-args", default="", help="more arguments for the harness's run command"
+    )
     parser.add_argument("--scenarios", default="chain_20,fanout_100")
     parser.add_argument("--executors", default=f"taskiq_redis,{BASELINE}")
     parser.add_argument("--rounds", type=int, default=3)
@@ -56,27 +78,66 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def harness_command(python: Path, args: argparse.Namespace, out: Path) -> list[str]:
+    """The harness's run command for one invocation of a build."""
+    if args.mode in TARGET_MODES:
+        command = [str(python), "-m", "benchmarks", "run", args.mode, "--executors", args.executors]
+    else:
+        command = [
+            str(python), "-m", "benchmarks", "run", "quick",
+            "--scenarios", args.scenarios, "--executors", args.executors, "--rounds", "1",
+        ]  # fmt: skip
+    return [*command, *shlex.split(args.harness_args), "--out", str(out)]
+
+
 def run_once(name: str, checkout: Path, args: argparse.Namespace, round_no: int) -> list[dict]:
-    """One invocation of ``checkout``'s own harness; its measured run records, tagged."""
+    """One invocation of a harness for the build in ``checkout``; its records, tagged.
+
+    Quick mode keeps the measured run records; targets mode keeps every raw record (the targets
+    table needs the sessions, the probes and the CPU figures too).
+    """
     python = checkout / ".venv" / "bin" / "python"
     with tempfile.TemporaryDirectory(prefix="dagster-taskiq-ab-") as tmp:
         out = Path(tmp) / "records.jsonl"
-        command = [
-            str(python), "-m", "benchmarks", "run", "quick",
-            "--scenarios", args.scenarios, "--executors", args.executors,
-            "--rounds", "1", "--out", str(out),
-        ]  # fmt: skip
+        cwd = checkout
+        if args.harness is not None:
+            # Only the harness in the working folder: ``dagster_taskiq`` is the build's install.
+            cwd = Path(tmp) / "harness"
+            shutil.copytree(
+                args.harness / "benchmarks",
+                cwd / "benchmarks",
+                ignore=shutil.ignore_patterns("results", "__pycache__"),
+            )
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DAGSTER_HOME")}
         _log(f"round {round_no}: {name} ({checkout})")
-        done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            harness_command(python, args, out), cwd=cwd, env=env, capture_output=True, text=True
+        )
         if done.returncode != 0:
             raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         records = [json.loads(line) for line in out.read_text().splitlines() if line]
-    measured = [r for r in records if r.get("type") == "run" and not r.get("warmup")]
     load = next((r.get("machine", {}) for r in records if r.get("type") == "meta"), {})
-    for record in measured:
-        record.update(build=name, ab_round=round_no, loadavg=load.get("loadavg_at_start"))
-    return measured
+    commit = _commit_of(checkout)
+    if args.mode in TARGET_MODES:
+        kept = records
+    else:
+        kept = [r for r in records if r.get("type") == "run" and not r.get("warmup")]
+    for record in kept:
+        record.update(
+            build=name,
+            build_commit=commit,
+            ab_round=round_no,
+            loadavg=load.get("loadavg_at_start"),
+        )
+    return kept
+
+
+def _commit_of(checkout: Path) -> str:
+    """The checkout's commit, or ``""`` when it is not a git checkout."""
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True
+    )
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def _per_unit(record: dict) -> float:
@@ -150,12 +211,78 @@ def format_rows(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     )
 
 
+def summarize_targets(records: list[dict]) -> list[dict[str, Any]]:
+    """The targets rows of each build (per storage), from every build's raw targets records."""
+    from benchmarks.report import by_storage
+    from benchmarks.targets import target_rows
+
+    builds: list[str] = []
+    for record in records:
+        if record["build"] not in builds:
+            builds.append(record["build"])
+    rows: list[dict[str, Any]] = []
+    for build in builds:
+        mine = [r for r in records if r["build"] == build]
+        for storage, part in by_storage(mine).items():
+            rows += [{**row, "build": build, "storage": storage} for row in target_rows(part)]
+    return rows
+
+
+def format_targets(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """One line per storage, executor and target; per build its fastest and median figures."""
+    from benchmarks.targets import format_value, verdict
+
+    builds: list[str] = []
+    lines: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if row["build"] not in builds:
+            builds.append(row["build"])
+        key = (row["storage"], row["executor"], row["label"])
+        lines.setdefault(key, {})[row["build"]] = row
+    header = ["storage", "executor", "target"]
+    for build in builds:
+        header += [f"{build} fastest", f"{build} median", f"{build}"]
+    header.append("limit")
+    table = []
+    for (storage, executor, label), found in lines.items():
+        line = [storage, executor, label]
+        limit = ""
+        for build in builds:
+            row = found.get(build)
+            if row is None:
+                line += ["-", "-", "not measured"]
+                continue
+            limit = "≤ " + format_value(row["limit"], row["unit"])
+            line += [
+                format_value(row["fastest"], row["unit"]),
+                format_value(row["median"], row["unit"]),
+                verdict(row),
+            ]
+        table.append([*line, limit])
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(line) + " |" for line in table]
+        return "\n".join(out)
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        for line in [header, *table]
+    )
+
+
+def _print_table(records: list[dict], mode: str, markdown: bool) -> None:
+    if mode in TARGET_MODES or any(r.get("type") == "meta" for r in records):
+        print(format_targets(summarize_targets(records), markdown))
+    else:
+        print(format_rows(summarize(records), markdown))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = _parser().parse_args(argv)
     if args.report is not None:
         records = [json.loads(line) for line in args.report.read_text().splitlines() if line]
-        print(format_rows(summarize(records), args.markdown))
+        _print_table(records, args.mode, args.markdown)
         return 0
     if len(args.build) < 2:
         _parser().error("give at least two --build NAME=DIR")
@@ -169,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 with args.out.open("a") as handle:
                     for record in found:
                         handle.write(json.dumps(record) + "\n")
-    print(format_rows(summarize(records), args.markdown))
+    _print_table(records, args.mode, args.markdown)
     return 0
 
 

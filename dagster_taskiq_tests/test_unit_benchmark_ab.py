@@ -1,5 +1,7 @@
 """The A/B driver's summary (``python -m benchmarks.ab``), on hand-made records (no network)."""
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.ab import format_rows, main, summarize
@@ -46,3 +48,46 @@ def test_failed_runs_are_left_out_and_two_builds_are_needed(
         main(["--build", "only=/tmp"])
     assert raised.value.code == 2
     assert "at least two" in capsys.readouterr().err
+
+
+def test_targets_mode_puts_each_builds_figures_side_by_side(tmp_path: Path) -> None:
+    from benchmarks.ab import format_targets, summarize_targets
+
+    def records(build: str, hop: float) -> list[dict]:
+        session = f"s-{build}"
+        meta = {"type": "meta", "session": session, "storage": "sqlite",
+                "executors": {"taskiq_redis": "x", "in_process": "y"}}  # fmt: skip
+        extra = {"session": session, "cpu_s": 1.0}
+        runs = [
+            _run(build, 0, "chain_20", "in_process", 0.5) | extra,
+            _run(build, 0, "chain_20", "taskiq_redis", 20 * hop) | extra,
+        ]
+        return [{**meta, "build": build}, *runs]
+
+    rows = summarize_targets(records("before", 0.075) + records("after", 0.03))
+    chain = {r["build"]: r for r in rows if r["target"].startswith("chain")}
+    assert chain["before"]["fastest"] == pytest.approx(3.0)
+    assert chain["after"]["fastest"] == pytest.approx(1.2)
+    assert chain["after"]["storage"] == "sqlite"
+    text = format_targets(rows)
+    assert "before fastest" in text and "after median" in text
+    line = next(line for line in text.splitlines() if "chain_20" in line)
+    assert "3.00×" in line and "1.20×" in line and "MISSED" in line and "met" in line
+    assert format_targets(rows, markdown=True).startswith("| storage | executor |")
+
+
+def test_the_harness_command_of_each_mode(tmp_path: Path) -> None:
+    import argparse
+
+    from benchmarks.ab import harness_command
+
+    args = argparse.Namespace(
+        mode="targets", executors="taskiq_redis,in_process", scenarios="chain_20",
+        harness_args="--storage sqlite --rounds 2",
+    )  # fmt: skip
+    out = str(tmp_path / "o.jsonl")
+    command = harness_command(Path("/b/.venv/bin/python"), args, Path(out))
+    assert command[:5] == ["/b/.venv/bin/python", "-m", "benchmarks", "run", "targets"]
+    assert command[-6:] == ["--storage", "sqlite", "--rounds", "2", "--out", out]
+    args.mode = "quick"
+    assert "quick" in harness_command(Path("p"), args, tmp_path / "o.jsonl")

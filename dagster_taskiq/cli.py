@@ -88,7 +88,8 @@ def worker() -> None:
     type=click.FloatRange(min=0.05),
     default=1.0,
     show_default=True,
-    help="Seconds between heartbeats.",
+    help="Seconds between heartbeats. While the worker holds a task's lease it beats at least "
+    "every heartbeat_timeout/10, whatever this says.",
 )
 @click.option(
     "--shutdown-timeout",

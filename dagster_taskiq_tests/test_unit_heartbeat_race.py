@@ -81,7 +81,7 @@ def test_a_claim_renewed_during_the_start_does_not_stop_the_step() -> None:
     intake = SimpleNamespace(claims={TASK_ID: (2, HB)})
     store = _Store(guard, intake, held)
     conn = SimpleNamespace(keystore=store, broker=object())
-    beat_times = iter([now, now + LeasePolicy(HB).renew_every(1.0)])
+    beat_times = iter([now, now + LeasePolicy(HB).renew_every()])
     heartbeat = Heartbeat(
         conn,  # type: ignore[arg-type]
         SimpleNamespace(liveness_ttl=10, heartbeat_interval=1.0),  # type: ignore[arg-type]

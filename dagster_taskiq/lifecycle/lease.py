@@ -1,9 +1,11 @@
 """Lease timings: when the key store looks at a task again, and when a worker fences itself.
 
 A running task holds a *lease*: a key whose TTL is the task's ``heartbeat_timeout`` (``T``),
-renewed by its worker every ``T/10`` (and at least every heartbeat interval, so about once a
-second for short timeouts; every 3 s with the default ``T`` = 30 s). A revocation does not wait
-for the next renewal: the worker reads its revoked tasks on every heartbeat. Redis starts each
+renewed by its worker every ``T/10`` (every 3 s with the default ``T`` = 30 s). The worker's
+heartbeat comes at least that often while it holds the lease, whatever its
+``--heartbeat-interval``: a beat slower than ``T/2`` would otherwise let every step be stopped
+while healthy. A revocation does not wait for the next renewal: the worker reads its revoked
+tasks on every heartbeat. Redis starts each
 TTL when the renewal *arrives*, so a lease renewed by a request sent at ``s`` lasts at least
 until ``s + T``. The worker therefore measures from the send time of its last successful renewal
 and stops the task's process:
@@ -27,6 +29,8 @@ KILL_FRACTION = 0.75
 #: Fraction of ``heartbeat_timeout`` between two renewals of one lease: five renewals may fail
 #: in a row before the process is stopped.
 RENEW_FRACTION = 0.1
+#: The shortest time between two renewals of one lease (for a very short ``heartbeat_timeout``).
+MIN_RENEW_SECONDS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +44,10 @@ class LeasePolicy:
         """The lease key's TTL in milliseconds."""
         return max(1, int(self.heartbeat_timeout * 1000))
 
-    def renew_every(self, heartbeat_interval: float) -> float:
-        """Seconds between two renewals of the lease, for a worker beating every
-        ``heartbeat_interval`` seconds."""
-        return max(heartbeat_interval, RENEW_FRACTION * self.heartbeat_timeout)
+    def renew_every(self) -> float:
+        """Seconds between two renewals of the lease (the worker beats at least this often
+        while it holds the lease)."""
+        return max(MIN_RENEW_SECONDS, RENEW_FRACTION * self.heartbeat_timeout)
 
     @property
     def term_after(self) -> float:

@@ -30,6 +30,9 @@ SWEEP_DEADLINE = 10.0
 #: Waits between failed heartbeats: short, so renewals resume within a second or two of an
 #: outage's end, long before any lease lapses.
 HEARTBEAT_BACKOFF = Backoff(initial=0.5, cap=2.0)
+#: The longest a sleeping heartbeat goes without looking whether a lease taken meanwhile needs
+#: an earlier beat (a worker with a long ``--heartbeat-interval`` that claims a short lease).
+PAUSE_SLICE = 0.25
 #: Seconds between two refreshes of the workers index's TTL (it lasts days; see ``KeySpace``).
 INDEX_REFRESH_INTERVAL = 60.0
 
@@ -72,22 +75,35 @@ class Heartbeat:
         if not beat.registered:
             raise WorkerNameTaken(self.options.name)
 
+    def _renewable(self) -> dict[str, tuple[int, float]]:
+        """Task id to (fence, heartbeat_timeout) of every claim and lease this worker keeps."""
+        return {**self.intake.claims, **self.guard.leases()}
+
+    def next_beat_in(self, failures: int = 0) -> float:
+        """Seconds until the next beat: the heartbeat interval (after a failure, the back-off),
+        or sooner when a kept lease's renewal period (:meth:`LeasePolicy.renew_every`) is
+        shorter. A worker started with a long ``--heartbeat-interval`` still renews a short lease
+        in time."""
+        pause = HEARTBEAT_BACKOFF.delay(failures) if failures else self.options.heartbeat_interval
+        periods = [LeasePolicy(lease[1]).renew_every() for lease in self._renewable().values()]
+        return min([pause, *periods])
+
     def _due_for_renewal(
         self, leases: dict[str, tuple[int, float]], revoked: tuple[str, ...], now: float
     ) -> dict[str, tuple[int, float]]:
-        """The leases to renew in this beat: those whose renewal interval has passed (see
+        """The leases to renew in this beat: those whose renewal period has passed (see
         :meth:`LeasePolicy.renew_every`), new ones, and revoked ones (so that their process is
         stopped now, not at their next renewal)."""
         interval = self.options.heartbeat_interval
-        # Half a beat of slack, so that a lease due "about now" is not put off by a whole beat.
-        slack = interval / 2
-        due = {
-            task_id: lease
-            for task_id, lease in leases.items()
-            if task_id in revoked
-            or now - self._renewal_sent.get(task_id, float("-inf"))
-            >= LeasePolicy(lease[1]).renew_every(interval) - slack
-        }
+        due = {}
+        for task_id, lease in leases.items():
+            period = LeasePolicy(lease[1]).renew_every()
+            # Half a beat of slack, so that a lease due "about now" is not put off by a beat.
+            slack = min(interval, period) / 2
+            if task_id in revoked or (
+                now - self._renewal_sent.get(task_id, float("-inf")) >= period - slack
+            ):
+                due[task_id] = lease
         for task_id in list(self._renewal_sent):
             if task_id not in leases:
                 del self._renewal_sent[task_id]
@@ -113,7 +129,7 @@ class Heartbeat:
         if beat.shutdown_requested:
             self.request_stop("terminate requested through the CLI")
         held = self.guard.leases()
-        leases = self._due_for_renewal({**self.intake.claims, **held}, beat.revoked, sent_at)
+        leases = self._due_for_renewal(self._renewable(), beat.revoked, sent_at)
         try:
             transitions = await conn.keystore.renew(leases)
         except BaseException:
@@ -135,12 +151,13 @@ class Heartbeat:
             await conn.broker.keep_alive(min_interval=skip_within)
 
     async def run(self) -> None:
-        """Beat every ``heartbeat_interval`` until cancelled; back off (briefly) on failures."""
+        """Beat every ``heartbeat_interval`` (sooner while a held lease needs it, see
+        :meth:`next_beat_in`) until cancelled; back off (briefly) on failures."""
         failures = 0
         interval = self.options.heartbeat_interval
         deadline = max(2.0, 3 * interval)
         while True:
-            await asyncio.sleep(HEARTBEAT_BACKOFF.delay(failures) if failures else interval)
+            await self._pause(failures)
             try:
                 await asyncio.wait_for(self.beat_once(), deadline)
             except asyncio.CancelledError:
@@ -155,6 +172,17 @@ class Heartbeat:
             if failures:
                 logger.warning("Heartbeat recovered after %d failed attempt(s).", failures)
             failures = 0
+
+
+    async def _pause(self, failures: int) -> None:
+        """Sleep until the next beat is due. A lease or claim taken meanwhile can bring the beat
+        forward, so the pause is taken in slices of at most :data:`PAUSE_SLICE`."""
+        began = self.clock()
+        while True:
+            left = began + self.next_beat_in(failures) - self.clock()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, PAUSE_SLICE))
 
 
 class Sweeper:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -586,24 +587,35 @@ def test_redis_paused(paused_chaos: Chaos, private_redis: PrivateRedis, when: st
     chaos.assert_no_violations()
 
 
-# -- one worker partitioned from Redis -------------------------------------------------------
-def _partition_round(chaos: Chaos, proxy: ChaosProxy, proxied: TaskiqSettings) -> None:
+# -- one worker partitioned from Redis, or stalled -------------------------------------------
+def _lone_worker_fault_round(
+    chaos: Chaos,
+    fault: Callable[[ChaosWorker], None],
+    heal: Callable[[ChaosWorker], None],
+    what: str,
+    settings: TaskiqSettings | None = None,
+) -> None:
+    """One worker (``settings``: how it reaches the brokers) takes two fan steps, a healthy one
+    the others; ``fault`` strikes the first for longer than the lease while its steps run. Its
+    steps must stop before their leases can be handed over: the healthy worker's retries never
+    overlap them, and no step succeeds twice. The held steps are released while the fault
+    lasts, then ``heal``."""
     current = chaos.new_round()
     for worker in chaos.live_workers():
         worker.stop()
-    (isolated,) = chaos.start_workers(1, settings=proxied, prefix="cut")
+    (isolated,) = chaos.start_workers(1, settings=settings, prefix="cut")
     orchestrator = chaos.start_run(sleep=0.5, hold=True)
     current.run_id = run_id = orchestrator.run_id
 
     def _on(worker: ChaosWorker, count: int) -> Callable[[list[Execution]], Any]:
         return lambda ex: len([e for e in ex if e.worker == worker.name]) >= count
 
-    chaos.wait_executions(run_id, _on(isolated, 2), 60, "two steps on the cut-off worker")
-    # Started only now, so that the cut-off worker holds two of the fan steps.
+    chaos.wait_executions(run_id, _on(isolated, 2), 60, "two steps on the faulty worker")
+    # Started only now, so that the faulty worker holds two of the fan steps.
     (healthy,) = chaos.start_workers(1, concurrency=4, prefix="ok")
     chaos.wait_executions(run_id, _on(healthy, 2), 60, "two steps on the healthy worker")
     held = {e.step_key for e in chaos.executions(run_id) if e.worker == isolated.name}
-    proxy.cut()
+    fault(isolated)
     cut_at = time.monotonic()
 
     def _taken_over(ex: list[Execution]) -> bool:
@@ -615,34 +627,34 @@ def _partition_round(chaos: Chaos, proxy: ChaosProxy, proxied: TaskiqSettings) -
             run_id,
             _taken_over,
             chaos.settings.heartbeat_timeout * 2 + 20,
-            "the healthy worker to retry the cut-off worker's steps",
+            "the healthy worker to retry the faulty worker's steps",
         )
-        current.notes.append(f"retries started {time.monotonic() - cut_at:.1f} s after the cut")
+        current.notes.append(f"retries started {time.monotonic() - cut_at:.1f} s after the fault")
     except AssertionError as exc:
-        current.notes.append(f"no takeover while cut: {exc}")
+        current.notes.append(f"no takeover during the fault: {exc}")
     chaos.release()
-    # Let the cut-off worker's own executions end (or be seen dead) before healing.
+    # Let the faulty worker's own executions end (or be seen dead) before healing.
     try:
         chaos.wait_executions(
             run_id,
             lambda ex: all(e.finished for e in ex if e.worker == isolated.name),
             15,
-            "the cut-off worker's executions to end",
+            "the faulty worker's executions to end",
         )
     except AssertionError as exc:
-        current.notes.append(f"cut-off worker's executions still open: {exc}")
-    # The partition lasts longer than the lease in any case.
+        current.notes.append(f"faulty worker's executions still open: {exc}")
+    # The fault lasts longer than the lease in any case.
     minimum = chaos.settings.heartbeat_timeout + 2
     wait_for(
         lambda: time.monotonic() - cut_at >= minimum,
         minimum + 5,
         interval=0.1,
-        what=f"the partition to last {minimum:g} s",
+        what=f"the fault to last {minimum:g} s",
     )
-    proxy.heal()
+    heal(isolated)
     healed = time.monotonic()
     current.notes.append(
-        f"{isolated.name} cut off from Redis for {healed - cut_at:.1f} s holding "
+        f"{isolated.name} {what} for {healed - cut_at:.1f} s holding "
         f"{sorted(held)} (heartbeat_timeout {chaos.settings.heartbeat_timeout:g} s)"
     )
     chaos.check(current, since=healed)
@@ -652,16 +664,41 @@ def _partition_round(chaos: Chaos, proxy: ChaosProxy, proxied: TaskiqSettings) -
 def test_worker_partitioned_from_redis(chaos: Chaos) -> None:
     """One worker reaches Redis through a proxy that is cut (connections dropped, new ones
     blackholed) for longer than heartbeat_timeout while it runs steps; a second worker is
-    healthy. The cut-off worker must stop its steps before their leases can be handed over: the
-    retries on the healthy worker never overlap them, and no step succeeds twice. The held steps
-    are released while the partition lasts, then the proxy heals."""
+    healthy. The cut-off worker's lease guard stops its steps in time."""
     port = int(REDIS_URL.rsplit(":", 1)[1].split("/")[0])
     with ChaosProxy(port) as proxy:
         proxied = dataclasses.replace(
             chaos.settings, broker_url=proxy.url(), backend_url=proxy.url()
         )
         for _ in range(ROUNDS):
-            _partition_round(chaos, proxy, proxied)
+            _lone_worker_fault_round(
+                chaos,
+                lambda _: proxy.cut(),
+                lambda _: proxy.heal(),
+                "cut off from Redis",
+                settings=proxied,
+            )
+    chaos.assert_no_violations()
+
+
+def test_worker_stalled(chaos: Chaos) -> None:
+    """SIGSTOP of one worker's own process (not of its step processes) for longer than
+    heartbeat_timeout: a worker whose event loop stalls (a long GC pause, a blocked call)
+    renews nothing and stops nothing. Its step processes' own watchdogs must stop them before
+    their leases lapse and the healthy worker retries them. After SIGCONT the stalled worker
+    must carry on (its stale outcomes are refused by their fences)."""
+
+    def _stop(worker: ChaosWorker) -> None:
+        os.kill(worker.pid, signal.SIGSTOP)
+
+    def _resume(worker: ChaosWorker) -> None:
+        os.kill(worker.pid, signal.SIGCONT)
+
+    for _ in range(ROUNDS):
+        _lone_worker_fault_round(chaos, _stop, _resume, "stopped (SIGSTOP)")
+        stalled = next(w for w in chaos.workers if w.name.startswith("cut-") and w.alive)
+        # Resumed, it beats again: it has not exited and its liveness record is back.
+        stalled.wait_registered(30)
     chaos.assert_no_violations()
 
 

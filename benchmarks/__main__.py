@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
         "hops", help="where a hop's time goes, from a kept DAGSTER_HOME (run --keep)"
     )
     hops.add_argument("home", type=Path, help="an executor's DAGSTER_HOME under the kept folder")
+    hops.add_argument("--run-id", default=None, help="this run instead of the newest")
+    hops.add_argument(
+        "--slots", type=int, default=None, help="also split a run of independent steps by slot"
+    )
     report = sub.add_parser("report", help="summarize a JSON lines file again")
     report.add_argument("path", type=Path)
     report.add_argument("--markdown", action="store_true")
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hops":
         from benchmarks.hops import breakdown_of
 
-        print(breakdown_of(args.home))
+        print(breakdown_of(args.home, args.run_id, args.slots))
         return 0
     if args.command == "report":
         stored = [json.loads(line) for line in args.path.read_text().splitlines() if line]

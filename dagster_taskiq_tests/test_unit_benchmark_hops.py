@@ -49,3 +49,20 @@ def test_reads_the_newest_run_database_of_a_kept_home(tmp_path: Path) -> None:
     printed = breakdown_of(tmp_path)
     assert "run.db" in printed
     assert "sent -> started" in printed and "30.0ms" in printed
+
+
+def test_independent_steps_on_two_slots_split_into_start_work_handover_and_end() -> None:
+    from benchmarks.hops import run_times, slot_breakdown
+
+    # Four 1 s steps on two slots: a and b at once, c and d 50 ms after each ends.
+    rows = [("RUN_START", None, 10.0)]
+    for step, start in (("a", 10.2), ("b", 10.2), ("c", 11.25), ("d", 11.25)):
+        rows += [("STEP_START", step, start), ("STEP_SUCCESS", step, start + 1.0)]
+    rows.append(("RUN_SUCCESS", None, 12.35))
+    parts = slot_breakdown(first_times(rows), run_times(rows), slots=2)
+    assert round(parts["run start -> first step started"]) == 200
+    assert round(parts["steps in Dagster (sum ÷ slots)"]) == 2000
+    assert round(parts["slots idle in between (÷ slots)"]) == 50
+    assert round(parts["last step succeeded -> run ended"]) == 100
+    assert round(parts["run (RUN_START -> end)"]) == 2350
+    assert slot_breakdown(first_times(rows), {}, slots=2) == {}

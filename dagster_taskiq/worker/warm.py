@@ -23,6 +23,7 @@ import dataclasses
 import gc
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,7 @@ class WarmCache:
         if cached is not None:
             self._runs.move_to_end(run_id)
             return cached
+        began = time.perf_counter()
         if dagster_run is None:
             dagster_run = instance.get_run_by_id(run_id)
         if dagster_run is None:
@@ -220,7 +222,15 @@ class WarmCache:
             repository_load_data=repository_load_data,
         )
         run_plan = RunPlan(recon_job, job_def, resolved_run_config, plan)
+        planned = time.perf_counter()
         rehearse_step_process(instance, dagster_run, plan)
+        logger.debug(
+            "Prepared run %s for its steps in %.1f ms (plan %.1f ms, rehearsal %.1f ms).",
+            run_id,
+            (time.perf_counter() - began) * 1000,
+            (planned - began) * 1000,
+            (time.perf_counter() - planned) * 1000,
+        )
         self._runs[run_id] = run_plan
         while len(self._runs) > MAX_CACHED_RUNS:
             self._runs.popitem(last=False)

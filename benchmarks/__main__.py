@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--celery-db", type=int, default=3, help="Redis database for dagster-celery")
     run.add_argument("--out", type=Path, default=None, help="JSON lines file to write")
     run.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
+    run.add_argument(
+        "--worker-loglevel",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the taskiq workers' --loglevel (DEBUG logs each run's preparation time)",
+    )
     run.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     hops = sub.add_parser(
         "hops", help="where a hop's time goes, from a kept DAGSTER_HOME (run --keep)"
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 storage=storage,
                 postgres_url=args.postgres_url,
                 keep=args.keep,
+                worker_loglevel=args.worker_loglevel,
                 log=_log,
             )
             _log(f"== {storage} storage")

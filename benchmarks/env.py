@@ -300,9 +300,12 @@ class BenchEnv:
         storage: str = "sqlite",
         postgres_url: str = DEFAULT_POSTGRES_URL,
         keep: bool = False,
+        worker_loglevel: str = "INFO",
         log: Any = print,
     ) -> None:
         self.requested = executors
+        #: ``worker start --loglevel`` of the taskiq workers (DEBUG: per-run preparation times).
+        self.worker_loglevel = worker_loglevel
         self.redis_url = redis_url
         self.amqp_url = amqp_url
         self.celery_db = celery_db
@@ -451,6 +454,8 @@ class BenchEnv:
             str(self.concurrency),
             "-n",
             name,
+            "-l",
+            self.worker_loglevel,
         ]
         for module in includes:
             command += ["-i", module]

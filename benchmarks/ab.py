@@ -38,6 +38,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.tables import render_table
+
 #: The executor every ratio is taken against.
 BASELINE = "in_process"
 #: Harness modes that measure the targets table (``smoke``: the same at tiny sizes).
@@ -200,15 +202,7 @@ def format_rows(rows: list[dict[str, Any]], markdown: bool = False) -> str:
          ratio(r["ratio_fastest"]), ratio(r["ratio_median"])]
         for r in rows
     ]  # fmt: skip
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(line) + " |" for line in lines]
-        return "\n".join(out)
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        for row in [header, *lines]
-    )
+    return render_table(header, lines, markdown)
 
 
 def summarize_targets(records: list[dict]) -> list[dict[str, Any]]:
@@ -216,12 +210,8 @@ def summarize_targets(records: list[dict]) -> list[dict[str, Any]]:
     from benchmarks.report import by_storage
     from benchmarks.targets import target_rows
 
-    builds: list[str] = []
-    for record in records:
-        if record["build"] not in builds:
-            builds.append(record["build"])
     rows: list[dict[str, Any]] = []
-    for build in builds:
+    for build in dict.fromkeys(record["build"] for record in records):
         mine = [r for r in records if r["build"] == build]
         for storage, part in by_storage(mine).items():
             rows += [{**row, "build": build, "storage": storage} for row in target_rows(part)]
@@ -232,11 +222,9 @@ def format_targets(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     """One line per storage, executor and target; per build its fastest and median figures."""
     from benchmarks.targets import format_value, verdict
 
-    builds: list[str] = []
+    builds = list(dict.fromkeys(row["build"] for row in rows))
     lines: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for row in rows:
-        if row["build"] not in builds:
-            builds.append(row["build"])
         key = (row["storage"], row["executor"], row["label"])
         lines.setdefault(key, {})[row["build"]] = row
     header = ["storage", "executor", "target"]
@@ -259,15 +247,7 @@ def format_targets(rows: list[dict[str, Any]], markdown: bool = False) -> str:
                 verdict(row),
             ]
         table.append([*line, limit])
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(line) + " |" for line in table]
-        return "\n".join(out)
-    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        for line in [header, *table]
-    )
+    return render_table(header, table, markdown)
 
 
 def _print_table(records: list[dict], mode: str, markdown: bool) -> None:

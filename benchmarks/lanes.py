@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from benchmarks.tables import render_table
+
 #: The baseline: classic queues, one per queue, ordered by ``x-max-priority``.
 CLASSIC_EXECUTOR = "taskiq_rabbitmq"
 #: ``priority_lanes`` of the quorum variants ``run lanes`` compares with the baseline.
@@ -452,16 +454,5 @@ def format_lanes(records: Sequence[dict[str, Any]], markdown: bool = False) -> s
         ]
         for b in broker
     ]
-    return _table(header, table, markdown) + "\n\n" + _table(second_header, second, markdown)
-
-
-def _table(header: list[str], body: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *body]
-    )
+    first_table = render_table(header, table, markdown)
+    return first_table + "\n\n" + render_table(second_header, second, markdown)

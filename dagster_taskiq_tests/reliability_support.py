@@ -20,7 +20,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dagster import DagsterEventType, DagsterInstance
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    JobExecutionResult,
+    execute_job,
+    reconstructable,
+)
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.context import WorkspaceProcessContext
@@ -49,6 +55,20 @@ def in_background(call: Callable[[], T]) -> "Future[T]":
 
     threading.Thread(target=_target, name="background-run", daemon=True).start()
     return future
+
+
+def hold_chain_in_background(
+    instance: DagsterInstance, settings: TaskiqSettings
+) -> "Future[JobExecutionResult]":
+    """Execute ``hold_chain_job`` (its ``held`` op waits for the release file) on
+    ``taskiq_executor`` with ``settings``, in a background thread."""
+    return in_background(
+        lambda: execute_job(
+            reconstructable(reliability_jobs.hold_chain_job),
+            instance=instance,
+            run_config=executor_config(settings),
+        )
+    )
 
 
 def starts(instance: DagsterInstance, run_id: str) -> Counter[str]:

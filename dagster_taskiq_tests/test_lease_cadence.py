@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, execute_job, reconstructable
+from dagster import DagsterInstance
 
 from dagster_taskiq_tests import reliability_jobs as rj
-from dagster_taskiq_tests.harness import WorkerPool, executor_config, isolated_settings, wait_for
-from dagster_taskiq_tests.reliability_support import in_background, starts, wait_state
+from dagster_taskiq_tests.harness import WorkerPool, isolated_settings, wait_for
+from dagster_taskiq_tests.reliability_support import hold_chain_in_background, starts, wait_state
 from dagster_taskiq_tests.services import AMQP_URL, REDIS_URL, require
 
 TIMEOUT = 4.0
@@ -37,13 +37,7 @@ def test_a_slow_heartbeat_does_not_stop_a_healthy_step(
     pool = WorkerPool(settings, dagster_home)
     try:
         worker = pool.start(extra_args=["--heartbeat-interval", str(SLOW_BEAT)])
-        future = in_background(
-            lambda: execute_job(
-                reconstructable(rj.hold_chain_job),
-                instance=instance,
-                run_config=executor_config(settings),
-            )
-        )
+        future = hold_chain_in_background(instance, settings)
         run_id = wait_for(lambda: next((r.run_id for r in instance.get_runs()), None), 60)
         started = wait_state(settings, run_id, "held", {"running"}, timeout=60).started_at
         assert started is not None

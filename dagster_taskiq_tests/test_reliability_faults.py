@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dagster import DagsterInstance, execute_job, reconstructable
+from dagster import DagsterInstance
 from dagster._core.storage.dagster_run import DagsterRunStatus
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_iteration
@@ -35,7 +35,7 @@ from dagster_taskiq_tests.harness import (
 from dagster_taskiq_tests.reliability_jobs import notes
 from dagster_taskiq_tests.reliability_support import (
     create_runs,
-    in_background,
+    hold_chain_in_background,
     launcher_instance,
     starts,
     successes,
@@ -102,13 +102,7 @@ def test_worker_killed_between_claim_and_start_loses_nothing(
             interval=0.1,
             what="the stalling worker to register",
         )
-        future = in_background(
-            lambda: execute_job(
-                reconstructable(rj.hold_chain_job),
-                instance=instance,
-                run_config=executor_config(settings),
-            )
-        )
+        future = hold_chain_in_background(instance, settings)
         wait_for(claimed.exists, 60, what="the stalling worker to claim a task")
         task_id = json.loads(claimed.read_text())["task_id"]
         healthy = workers.start()
@@ -290,13 +284,7 @@ def test_step_running_longer_than_result_ttl_stays_supervised(
     pool = WorkerPool(settings, dagster_home)
     try:
         pool.start()
-        future = in_background(
-            lambda: execute_job(
-                reconstructable(rj.hold_chain_job),
-                instance=instance,
-                run_config=executor_config(settings),
-            )
-        )
+        future = hold_chain_in_background(instance, settings)
         run_id = wait_for(lambda: next((r.run_id for r in instance.get_runs()), None), 60)
         started = wait_state(settings, run_id, "held", {"running"}).started_at
         assert started is not None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import DagsterInstance, execute_job, reconstructable
+from dagster import DagsterInstance
 
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq.connection import TaskiqConnection
@@ -27,13 +27,12 @@ from dagster_taskiq_tests import reliability_jobs as rj
 from dagster_taskiq_tests.harness import (
     WorkerPool,
     WorkerProcess,
-    executor_config,
     run_async,
     wait_for,
 )
 from dagster_taskiq_tests.private_brokers import PrivateRedis
 from dagster_taskiq_tests.reliability_support import (
-    in_background,
+    hold_chain_in_background,
     starts,
     successes,
     task_records,
@@ -89,13 +88,7 @@ def _start_held_run(
 ) -> tuple["Future[Any]", str, str]:
     """Start ``hold_chain_job`` in the background; return (future, run id, first's task id)
     once ``held`` is running."""
-    future = in_background(
-        lambda: execute_job(
-            reconstructable(rj.hold_chain_job),
-            instance=instance,
-            run_config=executor_config(settings),
-        )
-    )
+    future = hold_chain_in_background(instance, settings)
     run_id = wait_for(
         lambda: next((r.run_id for r in instance.get_runs()), None), 60, what="the run"
     )

@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, execute_job, reconstructable
+from dagster import DagsterInstance
 
 from dagster_taskiq.config import TaskiqSettings
 from dagster_taskiq_tests import reliability_jobs as rj
-from dagster_taskiq_tests.harness import WorkerPool, executor_config, run_async, wait_for
+from dagster_taskiq_tests.harness import WorkerPool, run_async, wait_for
 from dagster_taskiq_tests.private_sentinel import PrivateSentinelGroup
 from dagster_taskiq_tests.reliability_support import (
-    in_background,
+    hold_chain_in_background,
     starts,
     successes,
     task_records,
@@ -63,13 +63,7 @@ def test_sentinel_failover_mid_run(
     workers = WorkerPool(settings, dagster_home)
     try:
         worker = workers.start(concurrency=2)
-        future = in_background(
-            lambda: execute_job(
-                reconstructable(rj.hold_chain_job),
-                instance=instance,
-                run_config=executor_config(settings),
-            )
-        )
+        future = hold_chain_in_background(instance, settings)
         run_id = wait_for(
             lambda: next((r.run_id for r in instance.get_runs()), None), 60, what="the run"
         )

@@ -5,10 +5,9 @@ renewed by its worker every ``T/10`` (every 3 s with the default ``T`` = 30 s). 
 heartbeat comes at least that often while it holds the lease, whatever its
 ``--heartbeat-interval``: a beat slower than ``T/2`` would otherwise let every step be stopped
 while healthy. A revocation does not wait for the next renewal: the worker reads its revoked
-tasks on every heartbeat. Redis starts each
-TTL when the renewal *arrives*, so a lease renewed by a request sent at ``s`` lasts at least
-until ``s + T``. The worker therefore measures from the send time of its last successful renewal
-and stops the task's process:
+tasks on every heartbeat. Redis starts each TTL when the renewal *arrives*, so a lease renewed by
+a request sent at ``s`` lasts at least until ``s + T``. The worker therefore measures from the
+send time of its last successful renewal and stops the task's process:
 
 * SIGTERM at ``s + TERM_FRACTION·T`` (Dagster's interrupt: the step records it),
 * SIGKILL at ``s + KILL_FRACTION·T``,

@@ -59,7 +59,9 @@ class LeaseClock:
     def deadlines(self) -> tuple[float, float, bool]:
         """The deadlines to enforce: the shared ones, never earlier than those at creation.
         The third value says whether the shared ones read below that floor (a bad read)."""
-        term_at, kill_at = self.read()
+        return self._floored(*self.read())
+
+    def _floored(self, term_at: float, kill_at: float) -> tuple[float, float, bool]:
         floor_term, floor_kill = self._floor
         if term_at >= floor_term and kill_at >= floor_kill:
             return term_at, kill_at, False
@@ -75,10 +77,10 @@ class LeaseClock:
         reported_bad_read = False
         pid = os.getpid()
         while True:
-            term_at, kill_at, bad = self.deadlines()
+            raw_term, raw_kill = self.read()
+            term_at, kill_at, bad = self._floored(raw_term, raw_kill)
             if bad and not reported_bad_read:
                 reported_bad_read = True
-                raw_term, raw_kill = self.read()
                 _say(f"task process {pid}: read deadlines ({raw_term:.3f}, {raw_kill:.3f}) "
                      f"earlier than those it started with; keeping ({term_at:.3f}, "
                      f"{kill_at:.3f})")

@@ -129,7 +129,7 @@ class Heartbeat:
         if beat.shutdown_requested:
             self.request_stop("terminate requested through the CLI")
         held = self.guard.leases()
-        leases = self._due_for_renewal(self._renewable(), beat.revoked, sent_at)
+        leases = self._due_for_renewal({**self.intake.claims, **held}, beat.revoked, sent_at)
         try:
             transitions = await conn.keystore.renew(leases)
         except BaseException:
@@ -172,7 +172,6 @@ class Heartbeat:
             if failures:
                 logger.warning("Heartbeat recovered after %d failed attempt(s).", failures)
             failures = 0
-
 
     async def _pause(self, failures: int) -> None:
         """Sleep until the next beat is due. A lease or claim taken meanwhile can bring the beat

@@ -224,12 +224,13 @@ class WarmCache:
         run_plan = RunPlan(recon_job, job_def, resolved_run_config, plan)
         planned = time.perf_counter()
         rehearse_step_process(instance, dagster_run, plan)
+        done = time.perf_counter()
         logger.debug(
             "Prepared run %s for its steps in %.1f ms (plan %.1f ms, rehearsal %.1f ms).",
             run_id,
-            (time.perf_counter() - began) * 1000,
+            (done - began) * 1000,
             (planned - began) * 1000,
-            (time.perf_counter() - planned) * 1000,
+            (done - planned) * 1000,
         )
         self._runs[run_id] = run_plan
         while len(self._runs) > MAX_CACHED_RUNS:
